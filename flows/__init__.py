@@ -1,0 +1,1 @@
+"""Prefect flows (the round loop) and the ``fedtune`` command line."""

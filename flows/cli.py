@@ -1,0 +1,100 @@
+"""The ``fedtune`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _quiet_temporary_server() -> None:
+    """Without ``PREFECT_API_URL``, Prefect starts a temporary local server for the run. Its
+    telemetry (no network here) and the services it cancels at shutdown log errors that say
+    nothing about the run; keep them out of the user's terminal."""
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedtune",
+        description="Federated fine-tuning of scikit-learn models with Prefect and MLflow.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run federated training (defaults: the seed example)")
+    run.add_argument("--config", "-c", metavar="FILE.toml", help="configuration file")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config key (repeatable); VALUE is read as TOML, else as a string",
+    )
+    run.add_argument("--output", "-o", metavar="FILE.json", help="write the run summary as JSON")
+    run.add_argument(
+        "--verbose", "-v", action="store_true", help="also show Prefect's per-task log lines"
+    )
+    show = sub.add_parser("config", help="print the effective configuration as JSON and exit")
+    show.add_argument("--config", "-c", metavar="FILE.toml")
+    show.add_argument("--set", dest="overrides", action="append", default=[])
+    return parser
+
+
+def _fail(kind: str, message: str, code: int) -> int:
+    print(f"fedtune: {kind}: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from fl.config import ConfigError, load_config
+    from fl.data import ClientDataError, registry
+    from fl.rounds import clients_per_round
+
+    try:
+        config = load_config(args.config, args.overrides)
+        num_clients = len(registry(config.data, config.experiment.seed))
+        clients_per_round(config.rounds, num_clients)
+    except (ConfigError, ClientDataError, ValueError) as exc:
+        return _fail("config error", str(exc), 2)
+    if args.command == "config":
+        print(config.model_dump_json(indent=2))
+        return 0
+
+    _quiet_temporary_server()
+    from flows.training import RoundFailed, federated_training
+    from tasks.tracking import tracking_uri
+
+    if not args.verbose:
+        logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
+    try:
+        result = federated_training(config)
+    except (ClientDataError, RoundFailed) as exc:
+        return _fail("training failed", str(exc), 1)
+    terms = " + ".join(f"{c:.6g}*{n}" for c, n in zip(result.coef, result.feature_names))
+    uri = tracking_uri(config)
+    print(f"final model: y = {terms} + {result.intercept:.6g}")
+    last = result.history[-1]
+    line = f"rounds: {result.rounds_completed}  fed_mse: {last['fed_mse']:.6g}"
+    if "central_mse" in last:
+        line += f"  central_mse: {last['central_mse']:.6g}"
+    if result.baseline_mse is not None:
+        line += f"  pooled-OLS baseline_mse: {result.baseline_mse:.6g}"
+    print(line)
+    print(f"MLflow run: {result.run_id}  (experiment {config.experiment.name!r})")
+    print(f"model: {result.model_uri}")
+    if result.registered_version:
+        print(f"registered: {config.experiment.register_as} v{result.registered_version}")
+    if args.output:
+        Path(args.output).write_text(result.model_dump_json(indent=2))
+        print(f"summary: {args.output}")
+    print(f"view: mlflow ui --backend-store-uri {uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

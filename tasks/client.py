@@ -1,0 +1,37 @@
+"""Client-side tasks. Each gets a *reference* to its client's data and loads it itself; only
+parameters, counts and scalar metrics come back."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from fl import client
+from fl.config import ClientConfig
+from fl.data import ClientRef
+from fl.evaluation import EvalSums
+from fl.params import ClientUpdate, FeatureStats, ModelParams
+from fl.statistics import StatsReport
+from tasks import TASK_OPTIONS
+
+
+@task(name="client-statistics", task_run_name="stats-{ref.client_id}", **TASK_OPTIONS)
+def client_statistics(ref: ClientRef, chunk_size: int) -> StatsReport:
+    return client.feature_moments(ref, chunk_size)
+
+
+@task(name="train-client", task_run_name="train-r{round_num:02d}-{ref.client_id}", **TASK_OPTIONS)
+def train_client(
+    ref: ClientRef,
+    global_params: ModelParams,
+    stats: FeatureStats,
+    cfg: ClientConfig,
+    round_num: int,
+) -> ClientUpdate:
+    return client.train(ref, global_params, stats, cfg, round_num)
+
+
+@task(name="evaluate-client", task_run_name="eval-r{round_num:02d}-{ref.client_id}", **TASK_OPTIONS)
+def evaluate_client(
+    ref: ClientRef, params: ModelParams, stats: FeatureStats, chunk_size: int, round_num: int
+) -> EvalSums:
+    return client.evaluate(ref, params, stats, chunk_size)

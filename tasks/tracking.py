@@ -1,0 +1,213 @@
+"""Everything fedtune says to MLflow, in one place.
+
+Every call goes through an ``MlflowClient`` with an explicit run id: MLflow's "active run" is
+thread-local, and Prefect runs tasks in worker threads (or other processes).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import task
+
+from fl.client import make_estimator
+from fl.config import FLConfig
+from fl.params import FeatureStats, ModelParams, to_pipeline
+from tasks import TASK_OPTIONS
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def tracking_uri(config: FLConfig) -> str:
+    """``experiment.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``."""
+    return (
+        config.experiment.tracking_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or DEFAULT_TRACKING_URI
+    )
+
+
+@functools.cache
+def _client(uri: str):
+    import mlflow
+    from mlflow import MlflowClient
+
+    # Model logging resolves the tracking URI globally (not per client), so pin it here.
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(uri)
+
+
+@functools.cache
+def _pip_requirements() -> tuple[str, ...]:
+    """Pinned so that logging a model never runs requirement inference (seconds per call)."""
+    from importlib.metadata import version
+
+    return tuple(f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "scikit-learn", "numpy", "skops"))
+
+
+@task(name="start-mlflow-run", **TASK_OPTIONS)
+def start_run(config: FLConfig, tags: dict[str, str]) -> str:
+    """Create the MLflow run (and experiment if needed); log the flattened config as params."""
+    from mlflow.entities import Param
+
+    uri = tracking_uri(config)
+    client = _client(uri)
+    exp = client.get_experiment_by_name(config.experiment.name)
+    experiment_id = exp.experiment_id if exp else client.create_experiment(config.experiment.name)
+    run = client.create_run(experiment_id, run_name=config.experiment.run_name, tags=tags)
+    params = [
+        Param(k, json.dumps(v) if isinstance(v, list | tuple) else str(v))
+        for k, v in config.flat().items()
+    ]
+    client.log_batch(run.info.run_id, params=params)
+    return run.info.run_id
+
+
+def _pipeline(params: ModelParams, stats: FeatureStats, config: FLConfig, names: list[str]):
+    pipe = to_pipeline(params, stats, make_estimator(config.client))
+    pipe.named_steps["scaler"].feature_names_in_ = np.asarray(names, dtype=object)
+    return pipe
+
+
+def _log_model(uri: str, run_id: str, pipe, name: str, step: int, names: list[str]) -> str:
+    """Log ``pipe`` as an MLflow logged model of ``run_id`` at ``step``; return its URI."""
+    import mlflow
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    _client(uri)
+    example = pd.DataFrame(np.zeros((1, len(names))), columns=names)
+    signature = infer_signature(example, np.zeros(1))
+    info = mlflow.sklearn.log_model(
+        pipe,
+        name=name,
+        run_id=run_id,
+        step=step,
+        signature=signature,
+        pip_requirements=list(_pip_requirements()),
+        serialization_format="skops",
+    )
+    return info.model_uri
+
+
+@task(name="log-round", task_run_name="log-r{round_num:02d}", **TASK_OPTIONS)
+def log_round(
+    config: FLConfig,
+    run_id: str,
+    round_num: int,
+    metrics: dict[str, float],
+    params: ModelParams | None,
+    stats: FeatureStats,
+    feature_names: list[str],
+) -> str | None:
+    """Metrics at ``step=round_num``; with ``params``, the round's global model too."""
+    from mlflow.entities import Metric
+    from mlflow.utils.time import get_current_time_millis
+
+    uri = tracking_uri(config)
+    now = get_current_time_millis()
+    _client(uri).log_batch(
+        run_id,
+        metrics=[
+            Metric(k, float(v), now, round_num)
+            for k, v in metrics.items()
+            if v is not None and np.isfinite(v)
+        ],
+    )
+    if params is None or not config.experiment.log_round_models:
+        return None
+    pipe = _pipeline(params, stats, config, feature_names)
+    return _log_model(uri, run_id, pipe, f"round-{round_num:03d}", round_num, feature_names)
+
+
+def _convergence_figure(history: list[dict[str, Any]], baseline: float | None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    rounds = [h["round"] for h in history]
+    for key, label in [
+        ("train_loss", "train loss (clients)"),
+        ("fed_mse", "federated eval MSE"),
+        ("central_mse", "central eval MSE"),
+    ]:
+        values = [h.get(key) for h in history]
+        if any(v is not None for v in values):
+            ax.plot(rounds, values, marker="o", ms=3, label=label)
+    if baseline is not None:
+        ax.axhline(baseline, color="grey", ls="--", label="pooled OLS baseline")
+    ax.set_xlabel("round")
+    ax.set_ylabel("MSE")
+    ax.set_yscale("log")
+    ax.set_title("fedtune convergence")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+@task(name="log-final-model", **TASK_OPTIONS)
+def log_final(
+    config: FLConfig,
+    run_id: str,
+    params: ModelParams,
+    stats: FeatureStats,
+    feature_names: list[str],
+    history: list[dict[str, Any]],
+    baseline: float | None,
+    summary: dict[str, Any],
+) -> tuple[str, str | None]:
+    """The final pipeline (with signature), a convergence plot, the per-round table, the run
+    summary, and a Model Registry version if ``experiment.register_as`` is set.
+
+    Returns the model URI and the registered version (or None).
+    """
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    uri = tracking_uri(config)
+    client = _client(uri)
+    last_round = history[-1]["round"] if history else 0
+    pipe = _pipeline(params, stats, config, feature_names)
+    model_uri = _log_model(uri, run_id, pipe, "final", last_round, feature_names)
+    fig = _convergence_figure([h for h in history if h["round"] > 0], baseline)
+    client.log_figure(run_id, fig, "convergence.png")
+    plt.close(fig)
+    table = pd.DataFrame(history)
+    client.log_table(run_id, data=table, artifact_file="rounds.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        csv = Path(tmp) / "rounds.csv"
+        table.to_csv(csv, index=False)
+        client.log_artifact(run_id, str(csv))
+    client.log_dict(run_id, {**summary, "model_uri": model_uri}, "summary.json")
+    version = None
+    if config.experiment.register_as:
+        version = register(uri, config.experiment.register_as, model_uri, run_id)
+    return model_uri, version
+
+
+def register(uri: str, name: str, model_uri: str, run_id: str) -> str:
+    """A new version of registered model ``name`` (created if missing) from ``model_uri``."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    model_id = model_uri.removeprefix("models:/")
+    mv = client.create_model_version(name, source=model_uri, run_id=run_id, model_id=model_id)
+    return str(mv.version)
+
+
+@task(name="end-mlflow-run", **TASK_OPTIONS)
+def end_run(config: FLConfig, run_id: str, status: str = "FINISHED") -> None:
+    _client(tracking_uri(config)).set_terminated(run_id, status)
