@@ -139,10 +139,6 @@ def central_test_set(data: DataConfig, seed: int) -> tuple[np.ndarray, np.ndarra
     return X_test, y_test
 
 
-def _test_mask(ref: ClientRef, n: int, rng: np.random.Generator) -> np.ndarray:
-    return rng.random(n) < ref.data.test_fraction
-
-
 @dataclass
 class ClientData:
     """A client's rows, loaded on the client. Iterate with :meth:`chunks`."""
@@ -164,7 +160,7 @@ class ClientData:
             return
         rng = _rng(self.ref.seed, _STREAM_SPLIT, zlib.crc32(self.ref.client_id.encode()))
         for X, y in self._file_chunks(chunk_size):
-            keep = _test_mask(self.ref, y.shape[0], rng) == want_test
+            keep = (rng.random(y.shape[0]) < self.ref.data.test_fraction) == want_test
             if keep.any():
                 yield X[keep], y[keep]
 
@@ -183,6 +179,8 @@ class ClientData:
     # -- files ------------------------------------------------------------------------------
 
     def _file_columns(self) -> tuple[list[str], str]:
+        import pandas as pd
+
         path = Path(self.ref.path)
         target = self.ref.data.target
         try:
@@ -191,9 +189,9 @@ class ClientData:
 
                 columns = list(pq.ParquetFile(path).schema_arrow.names)
             else:
-                import pandas as pd
-
                 columns = list(pd.read_csv(path, nrows=0).columns)
+        except pd.errors.EmptyDataError:
+            columns = []
         except Exception as exc:  # noqa: BLE001 -- any reader failure is this client's problem
             raise ClientDataError(self.ref.client_id, str(path), f"unreadable: {exc}") from None
         if not columns:
@@ -268,10 +266,11 @@ def _validated(frame, features, target, first_row, client, where):
 def _simulated_client(ref: ClientRef) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     X, y, _, _ = _pooled(ref.data, ref.seed)
     rows = _shards(ref.data, ref.seed)[ref.index]
-    rng = _rng(ref.seed, _STREAM_SPLIT, ref.index)
-    test = _test_mask(ref, rows.shape[0], rng)
-    if test.all():  # keep at least one training row
-        test[0] = False
+    # Simulated shards are in memory, so the split can be exact (files split row by row).
+    n = rows.shape[0]
+    n_test = min(int(round(ref.data.test_fraction * n)), n - 1)
+    test = np.zeros(n, dtype=bool)
+    test[_rng(ref.seed, _STREAM_SPLIT, ref.index).permutation(n)[:n_test]] = True
     Xc, yc = X[rows], y[rows]
     return Xc[~test], yc[~test], Xc[test], yc[test]
 

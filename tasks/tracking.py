@@ -35,11 +35,8 @@ def tracking_uri(config: FLConfig) -> str:
 
 @functools.cache
 def _client(uri: str):
-    import mlflow
     from mlflow import MlflowClient
 
-    # Model logging resolves the tracking URI globally (not per client), so pin it here.
-    mlflow.set_tracking_uri(uri)
     return MlflowClient(uri)
 
 
@@ -81,12 +78,19 @@ def _log_model(uri: str, run_id: str, pipe, name: str, step: int, names: list[st
     import pandas as pd
     from mlflow.models import infer_signature
 
-    _client(uri)
+    client = _client(uri)
+    # `log_model` has no client argument: it writes through the global tracking URI, and would
+    # file the model under the global active experiment rather than the run's. Create the
+    # logged model in the run's experiment ourselves and hand log_model its id.
+    mlflow.set_tracking_uri(uri)
+    experiment_id = client.get_run(run_id).info.experiment_id
+    model = client.create_logged_model(experiment_id, name=name, source_run_id=run_id)
     example = pd.DataFrame(np.zeros((1, len(names))), columns=names)
     signature = infer_signature(example, np.zeros(1))
     info = mlflow.sklearn.log_model(
         pipe,
         name=name,
+        model_id=model.model_id,
         run_id=run_id,
         step=step,
         signature=signature,

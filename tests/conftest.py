@@ -1,0 +1,62 @@
+"""Shared fixtures: one temporary Prefect API per session, and per-test MLflow SQLite stores
+copied from a template that was migrated once."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+# The temporary server's telemetry has no network here, and its shutdown noise is not ours.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real Prefect API (temporary local server), shared by the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory):
+    """A migrated, empty MLflow SQLite store; creating one costs seconds, copying it nothing."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlflow_uri(mlflow_template, tmp_path, monkeypatch):
+    """A fresh MLflow store for one test; artifacts land under the test's tmp_path."""
+    db = tmp_path / "mlflow.db"
+    shutil.copy(mlflow_template, db)
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{db}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def write_client_files(directory, sizes, seed=0, kind="csv", offsets=(1000.0, 0.001, 50.0)):
+    """Client files with raw features of very different magnitudes and a linear target."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    scales = np.array([250.0, 0.002, 9.0])
+    coef = np.array([0.004, 800.0, -0.3])
+    for i, n in enumerate(sizes):
+        X = np.asarray(offsets) + scales * rng.standard_normal((n, 3))
+        y = X @ coef + 3.0 + 0.5 * rng.standard_normal(n)
+        frame = pd.DataFrame(X, columns=["income", "ratio", "age"]).assign(target=y)
+        if kind == "csv":
+            frame.to_csv(directory / f"clinic-{i}.csv", index=False)
+        else:
+            frame.to_parquet(directory / f"clinic-{i}.parquet", index=False)
+    return directory

@@ -1,0 +1,47 @@
+"""The quickstart path, as a user runs it: ``fedtune run`` in a fresh directory, no servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+
+def test_fedtune_run_needs_no_server_and_prints_no_errors(tmp_path):
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PREFECT_", "MLFLOW_"))  # exactly what a new user has
+    }
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--set", "rounds.num_rounds=3", "-o", "s.json"],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out and "ERROR" not in out, out
+    round_lines = [line for line in out.splitlines() if "round " in line and "fed_mse" in line]
+    assert len(round_lines) == 3, out
+    assert "clients 10 ok 0 failed" in round_lines[0]
+    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in proc.stdout
+
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert {"run_id", "model_uri", "coef", "intercept", "history"} <= set(summary)
+    assert len(summary["history"]) == 3
+    assert (tmp_path / "mlflow.db").exists()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        model = mlflow.sklearn.load_model(summary["model_uri"])
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert model.predict(pd.DataFrame({"x0": [0.0, 1.0]})).shape == (2,)
