@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -139,7 +139,9 @@ class Accountant:
         pld_discretization: float = PLD_DISCRETIZATION,
     ):
         if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
-            raise ValueError(f"noise_multiplier: must be >= 0 and finite (got {noise_multiplier!r})")
+            raise ValueError(
+                f"noise_multiplier: must be >= 0 and finite (got {noise_multiplier!r})"
+            )
         if not 0 < sampling_rate <= 1:
             raise ValueError(f"sampling_rate: must be in (0, 1] (got {sampling_rate!r})")
         if not 0 < delta < 1:
@@ -187,6 +189,25 @@ class Accountant:
         return accountant
 
 
+def _bracket(gap: Callable[[float], float], guess: float) -> tuple[float, float]:
+    """``(lower, upper)`` with ``gap(lower) > 0 >= gap(upper)``, for ``gap`` decreasing in z."""
+    lower = upper = guess
+    for _ in range(60):
+        if gap(upper) <= 0:
+            break
+        lower, upper = upper, upper * 2
+    else:
+        raise ValueError("no noise multiplier below 2^60 meets the target epsilon")
+    for _ in range(60):
+        if lower < upper:
+            return lower, upper
+        lower /= 2
+        if gap(lower) > 0:
+            return lower, upper
+        upper = lower
+    raise ValueError("the target epsilon is met without noise")
+
+
 def calibrate_noise_multiplier(
     target_epsilon: float,
     delta: float,
@@ -198,8 +219,8 @@ def calibrate_noise_multiplier(
     """The smallest noise multiplier (within ``tol``) for which ``rounds`` rounds spend at most
     ``target_epsilon`` as :class:`Accountant` reports it (the smaller of RDP and PLD).
 
-    RDP is calibrated first (cheap); its answer then bounds the PLD search from above, which
-    keeps the number of slow PLD evaluations small.
+    PLD is calibrated first: it is usually the tighter bound and, with Poisson sampling, the
+    cheaper one to evaluate. RDP is searched only if it beats PLD at PLD's answer.
     """
     if not target_epsilon > 0:
         raise ValueError(f"target_epsilon: must be positive (got {target_epsilon!r})")
@@ -213,33 +234,33 @@ def calibrate_noise_multiplier(
     def make_event(z: float) -> dp_accounting.DpEvent:
         return training_event(sampling_rate, z, rounds)
 
-    with _quiet_rdp():
-        z_rdp = float(
-            dp_accounting.calibrate_dp_mechanism(
-                rdp.RdpAccountant, make_event, target_epsilon, delta, tol=tol
-            )
-        )
-
     def pld_gap(z: float) -> float:
         return pld_epsilon(sampling_rate, z, rounds, delta, pld_discretization) - target_epsilon
 
-    if pld_gap(z_rdp) > 0:
-        return z_rdp  # PLD is not tighter here; RDP's answer already meets the target
-    lower = z_rdp
-    for _ in range(60):
-        lower /= 1.25
-        if pld_gap(lower) > 0:
-            break
-    else:
-        return z_rdp
+    def rdp_gap(z: float) -> float:
+        return rdp_epsilon(sampling_rate, z, rounds, delta) - target_epsilon
+
     z_pld = float(
         dp_accounting.calibrate_dp_mechanism(
             lambda: pld.PLDAccountant(value_discretization_interval=pld_discretization),
             make_event,
             target_epsilon,
             delta,
-            bracket_interval=dp_accounting.ExplicitBracketInterval(lower, z_rdp),
+            bracket_interval=dp_accounting.ExplicitBracketInterval(*_bracket(pld_gap, 1.0)),
             tol=tol,
         )
     )
-    return min(z_rdp, z_pld)
+    if rdp_gap(z_pld) > 0:
+        return z_pld
+    with _quiet_rdp():
+        z_rdp = float(
+            dp_accounting.calibrate_dp_mechanism(
+                rdp.RdpAccountant,
+                make_event,
+                target_epsilon,
+                delta,
+                bracket_interval=dp_accounting.ExplicitBracketInterval(*_bracket(rdp_gap, z_pld)),
+                tol=tol,
+            )
+        )
+    return min(z_pld, z_rdp)

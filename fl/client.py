@@ -17,7 +17,9 @@ from fl.statistics import Moments, StatsReport
 _STREAM_CLIENT = 21
 
 
-def make_estimator(cfg: ClientConfig, random_state: int | None = None) -> SGDRegressor:
+def make_estimator(
+    cfg: ClientConfig, random_state: np.random.RandomState | None = None
+) -> SGDRegressor:
     """The local learner, configured from ``[client]``."""
     return SGDRegressor(
         loss=cfg.loss,
@@ -31,10 +33,14 @@ def make_estimator(cfg: ClientConfig, random_state: int | None = None) -> SGDReg
     )
 
 
-def client_seed(seed: int, round_num: int, index: int) -> int:
-    """The seed of one client's local training in one round."""
+def client_random_state(seed: int, round_num: int, index: int) -> np.random.RandomState:
+    """The random state of one client's local training in one round.
+
+    An instance, not an int: ``partial_fit`` re-seeds from an int on every call, which would
+    shuffle every local epoch in the same order (and costs a fresh ``RandomState`` each time).
+    """
     seq = np.random.SeedSequence([seed, _STREAM_CLIENT, round_num, index])
-    return int(seq.generate_state(1)[0])
+    return np.random.RandomState(int(seq.generate_state(1)[0]))
 
 
 def feature_moments(ref: ClientRef, chunk_size: int) -> StatsReport:
@@ -52,15 +58,22 @@ def train(
     cfg: ClientConfig,
     round_num: int,
 ) -> ClientUpdate:
-    """Warm-start an ``SGDRegressor`` from the global model and ``partial_fit`` it over the
-    client's training chunks for ``cfg.local_epochs`` epochs.
+    """Score the received global model on the local test split, then warm-start an
+    ``SGDRegressor`` from it and ``partial_fit`` over the client's training chunks for
+    ``cfg.local_epochs`` epochs.
+
+    Scoring the model a client receives, in the same exchange that trains it, is how federated
+    evaluation rides along with training: one model broadcast per round instead of two.
 
     ``train_loss`` is the progressive (predict-then-fit) MSE over the last epoch, in raw target
     units: it costs no extra pass over the data.
     """
     start = time.perf_counter()
+    received = evaluate(ref, global_params, stats, cfg.chunk_size)
     data = open_client(ref)
-    est = global_params.warm_start(make_estimator(cfg, client_seed(ref.seed, round_num, ref.index)))
+    est = global_params.warm_start(
+        make_estimator(cfg, client_random_state(ref.seed, round_num, ref.index))
+    )
     sse, n = 0.0, 0
     for epoch in range(cfg.local_epochs):
         last = epoch == cfg.local_epochs - 1
@@ -78,6 +91,7 @@ def train(
             "train_loss": sse / n * stats.target_scale**2,
             "seconds": time.perf_counter() - start,
         },
+        evaluation=received,
     )
 
 

@@ -70,17 +70,21 @@ def ols_baseline(
     return float(np.mean((pred - y_test) ** 2))
 
 
-def round_metrics(updates: list, federated: EvalSums, central: EvalSums | None) -> dict[str, float]:
-    """The metrics logged for one round: example-weighted train loss over the updates,
-    federated evaluation on clients' test splits, and central evaluation where available."""
-    metrics: dict[str, float] = {}
-    if updates:
-        n = sum(u.num_examples for u in updates)
-        metrics["train_loss"] = sum(u.metrics["train_loss"] * u.num_examples for u in updates) / n
-    metrics.update({f"fed_{k}": v for k, v in federated.metrics().items()})
-    if central is not None:
-        metrics.update({f"central_{k}": v for k, v in central.metrics().items()})
-    return metrics
+def train_loss(updates: list) -> float:
+    """Example-weighted mean of the clients' training losses."""
+    n = sum(u.num_examples for u in updates)
+    return sum(u.metrics["train_loss"] * u.num_examples for u in updates) / n
+
+
+def received_evaluation(updates: list) -> EvalSums:
+    """The federated evaluation that rode along with a round: the model the clients received,
+    scored on their local test splits."""
+    return EvalSums.merge_all(u.evaluation for u in updates if u.evaluation is not None)
+
+
+def named(prefix: str, sums: EvalSums | None) -> dict[str, float]:
+    """``{prefix}_mse``, ``_rmse``, ``_mae`` and ``_r2`` (nothing when ``sums`` is None)."""
+    return {} if sums is None else {f"{prefix}_{k}": v for k, v in sums.metrics().items()}
 
 
 def central_evaluate(params, stats, data, seed: int) -> EvalSums | None:

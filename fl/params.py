@@ -15,6 +15,8 @@ from sklearn.linear_model import SGDRegressor
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from fl.evaluation import EvalSums
+
 
 @dataclass(frozen=True)
 class ModelParams:
@@ -124,9 +126,11 @@ def to_pipeline(params: ModelParams, stats: FeatureStats, estimator: SGDRegresso
 @dataclass(frozen=True)
 class ClientUpdate:
     """Everything that crosses from a client back to the server after local training:
-    parameters, the example count used as the aggregation weight, and scalar metrics."""
+    parameters, the example count used as the aggregation weight, scalar metrics, and the
+    error sums of the global model it received, scored on its local test split."""
 
     client_id: str
     params: ModelParams
     num_examples: int
     metrics: dict[str, float]
+    evaluation: EvalSums | None = None

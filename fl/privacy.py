@@ -259,7 +259,9 @@ class DPFedAvg:
             )
         clip_norm = self.clip_norm(state)
         round_num = int(state.get("round", 0))
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, _STREAM_DP_NOISE, round_num]))
+        rng = np.random.default_rng(
+            np.random.SeedSequence([self.seed, _STREAM_DP_NOISE, round_num])
+        )
         mean_delta = noised_mean_update(
             contribution_sum[:-1],
             clip_norm,

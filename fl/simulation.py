@@ -2,16 +2,28 @@
 
 It is the reference the Prefect flow must match bit for bit (same config, same seed), and the
 quickest way to try a configuration in a notebook.
+
+Round ``r`` trains ``w_r`` from ``w_{r-1}``. Federated evaluation rides along: the clients of
+round ``r + 1`` score ``w_r`` on their test splits before training from it, and every client
+scores the final model once at the end. Early stopping looks at that score, so a stop found in
+round ``r + 1`` keeps ``w_r`` and discards the round's updates.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from fl import client
 from fl.config import FLConfig
 from fl.data import registry
-from fl.evaluation import EvalSums, central_evaluate, round_metrics
+from fl.evaluation import (
+    EvalSums,
+    central_evaluate,
+    named,
+    received_evaluation,
+    train_loss,
+)
 from fl.params import FeatureStats, ModelParams
 from fl.rounds import EarlyStopping, clients_per_round, sample_clients
 from fl.statistics import combine_reports
@@ -23,7 +35,9 @@ class SimulationResult:
     params: ModelParams
     stats: FeatureStats
     feature_names: list[str]
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    initial: dict[str, float] = field(default_factory=dict)
+    stopped_early: bool = False
 
 
 def simulate(config: FLConfig) -> SimulationResult:
@@ -38,11 +52,21 @@ def simulate(config: FLConfig) -> SimulationResult:
     for r in range(1, config.rounds.num_rounds + 1):
         sampled = [refs[i] for i in sample_clients(len(refs), k, seed, r)]
         updates = [client.train(ref, params, stats, config.client, r) for ref in sampled]
+        scored = named("fed", received_evaluation(updates))
+        if r == 1:
+            result.initial = scored
+        else:
+            result.history[-1].update(scored)
+            if stopper.update(scored["fed_mse"]):
+                result.stopped_early = True
+                break
         params, state = strategy.aggregate(params, updates, state)
-        federated = EvalSums.merge_all(client.evaluate(ref, params, stats, chunk) for ref in refs)
         central = central_evaluate(params, stats, config.data, seed)
-        result.history.append({"round": r, **round_metrics(updates, federated, central)})
-        if stopper.update(result.history[-1]["fed_mse"]):
-            break
+        result.history.append(
+            {"round": r, "train_loss": train_loss(updates), **named("central", central)}
+        )
+    if not result.stopped_early:
+        final = EvalSums.merge_all(client.evaluate(ref, params, stats, chunk) for ref in refs)
+        result.history[-1].update(named("fed", final))
     result.params = params
     return result

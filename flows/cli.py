@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         result = federated_training(config)
     except (ClientDataError, RoundFailed) as exc:
         return _fail("training failed", str(exc), 1)
-    terms = " + ".join(f"{c:.6g}*{n}" for c, n in zip(result.coef, result.feature_names))
+    terms = " + ".join(
+        f"{c:.6g}*{n}" for c, n in zip(result.coef, result.feature_names, strict=True)
+    )
     uri = tracking_uri(config)
     print(f"final model: y = {terms} + {result.intercept:.6g}")
     last = result.history[-1]

@@ -13,22 +13,33 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 from pydantic import BaseModel
 
 import fl
 from fl.config import FLConfig
 from fl.data import ClientRef, registry
-from fl.evaluation import EvalSums, round_metrics
+from fl.evaluation import EvalSums, named, received_evaluation, train_loss
 from fl.params import ClientUpdate, ModelParams
 from fl.rounds import EarlyStopping, clients_per_round, sample_clients
 from tasks.client import client_statistics, evaluate_client, train_client
 from tasks.server import aggregate, central_evaluate, feature_statistics, pooled_baseline
 from tasks.tracking import end_run, log_final, log_round, start_run
 
-# Client tasks are short and mostly hold the GIL; a few threads overlap the orchestration
-# round-trips without thrashing two cores. Swap in any Prefect task runner (e.g. prefect-dask)
-# with `federated_training.with_options(task_runner=...)`.
-DEFAULT_TASK_RUNNER = ThreadPoolTaskRunner(max_workers=4)
+
+def default_task_runner() -> ThreadPoolTaskRunner:
+    """Threads, as many as Prefect's ``PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS`` says,
+    else one.
+
+    One is the measured optimum for small clients: their tasks hold the GIL (Prefect's own
+    orchestration as much as ``partial_fit``), so more threads only contend. Clients that wait
+    on I/O gain from more. Any Prefect task runner (e.g. prefect-dask's ``DaskTaskRunner``)
+    plugs in with ``federated_training.with_options(task_runner=...)``.
+    """
+    from prefect.settings import get_current_settings
+
+    workers = get_current_settings().tasks.runner.thread_pool_max_workers
+    return ThreadPoolTaskRunner(max_workers=workers or 1)
 
 
 class TrainingResult(BaseModel):
@@ -67,83 +78,115 @@ def _collect(futures: list[PrefectFuture], refs: list[ClientRef]):
 @flow(
     name="federated-training",
     persist_result=False,
-    task_runner=DEFAULT_TASK_RUNNER,
+    task_runner=default_task_runner(),
     log_prints=False,
 )
 def federated_training(config: FLConfig = FLConfig()) -> TrainingResult:  # noqa: B008
-    """Train one model across the clients of ``config.data`` with federated averaging."""
+    """Train one model across the clients of ``config.data`` with federated averaging.
+
+    Round ``r`` trains ``w_r`` from ``w_{r-1}``; the clients of round ``r + 1`` score ``w_r`` on
+    their local test splits before training from it (one model broadcast per round, not two),
+    and every client scores the final model at the end. A round's line is reported once its
+    federated score is in.
+    """
     logger = get_run_logger()
-    seed, chunk = config.experiment.seed, config.client.chunk_size
+    seed, chunk, total = config.experiment.seed, config.client.chunk_size, config.rounds.num_rounds
     refs = registry(config.data, seed)
     k = clients_per_round(config.rounds, len(refs))
-    run_id = start_run(
-        config,
-        tags={
-            "fedtune.version": fl.__version__,
-            "fedtune.data.source": config.data.source,
-            "prefect.flow_run_id": str(flow_run.get_id() or ""),
-        },
-    )
+    run_id = start_run(config, tags=_run_tags(config))
+    logs: list[PrefectFuture] = []
+    pending: dict[int, dict[str, float]] = {}
+
+    def log(step: int, metrics: dict[str, float], params: ModelParams | None = None) -> None:
+        """Queue ``metrics`` at ``step``; with ``params``, send the queue with the round's
+        model (one MLflow batch per round)."""
+        pending.setdefault(step, {}).update(metrics)
+        if params is not None:
+            send(step, params)
+
+    def send(step: int, params: ModelParams | None) -> None:
+        # Logging overlaps the next round; chaining keeps MLflow writes in order.
+        batch = dict(pending)
+        pending.clear()
+        logs.append(
+            log_round.submit(config, run_id, step, batch, params, stats, names, wait_for=logs[-1:])
+        )
+
+    def scored(entry: dict[str, Any], fed: dict[str, float]) -> None:
+        entry.update(fed)
+        log(entry["round"], fed)
+        logger.info(
+            "round %d/%d  clients %d ok %d failed  train_loss %.5g  fed_mse %.5g",
+            entry["round"],
+            total,
+            entry["clients_ok"],
+            entry["clients_failed"],
+            entry["train_loss"],
+            entry["fed_mse"],
+        )
+
     try:
-        reports = client_statistics.map(refs, unmapped(chunk)).result()
-        names, stats = feature_statistics(reports)
+        names, stats = feature_statistics(client_statistics.map(refs, unmapped(chunk)).result())
         baseline = pooled_baseline.submit(config.data, seed)
         params = ModelParams.zeros(len(names))
         state: dict[str, Any] = {}
         stopper = EarlyStopping(config.rounds.tolerance, config.rounds.patience)
         history: list[dict[str, Any]] = []
-        logs: list[PrefectFuture] = []
         stopped_early = False
-        for r in range(1, config.rounds.num_rounds + 1):
+        for r in range(1, total + 1):
             started = time.perf_counter()
             sampled = [refs[i] for i in sample_clients(len(refs), k, seed, r)]
             updates, failures = _collect(
                 train_client.map(
-                    sampled, unmapped(params), unmapped(stats), unmapped(config.client), r
+                    [quote(ref) for ref in sampled],
+                    unmapped(quote(params)),
+                    unmapped(quote(stats)),
+                    unmapped(quote(config.client)),
+                    r,
                 ),
                 sampled,
             )
+            for cid, why in failures:
+                logger.warning("round %d: client %s left out: %s", r, cid, why)
             if not updates:
                 reasons = "; ".join(f"{cid}: {why}" for cid, why in failures[:3])
                 raise RoundFailed(f"round {r}: no client update succeeded ({reasons})")
+            fed = named("fed", received_evaluation(updates))
+            if r == 1:
+                log(0, {f"initial_{key}": v for key, v in fed.items()})
+            else:
+                scored(history[-1], fed)
+                if stopper.update(fed["fed_mse"]):
+                    stopped_early = True
+                    logger.info("early stop: round %d did not improve; keeping it", r - 1)
+                    break
             params, state = aggregate(params, updates, state, config.server, r)
-            federated = EvalSums.merge_all(
-                evaluate_client.map(refs, unmapped(params), unmapped(stats), chunk, r).result()
-            )
             central = central_evaluate(params, stats, config.data, seed, r)
-            metrics = {
-                **round_metrics(updates, federated, central),
+            entry = {
+                "round": r,
+                "train_loss": train_loss(updates),
+                **named("central", central),
                 "clients_ok": len(updates),
                 "clients_failed": len(failures),
                 "round_seconds": time.perf_counter() - started,
             }
-            history.append({"round": r, **metrics})
-            # Logging overlaps the next round; chaining keeps MLflow writes in order.
-            logs.append(
-                log_round.submit(
-                    config, run_id, r, metrics, params, stats, names, wait_for=logs[-1:]
-                )
+            history.append(entry)
+            log(r, {k: v for k, v in entry.items() if k != "round"}, params)
+        if not stopped_early:
+            final = evaluate_client.map(
+                [quote(ref) for ref in refs],
+                unmapped(quote(params)),
+                unmapped(quote(stats)),
+                chunk,
+                total,
             )
-            logger.info(
-                "round %d/%d  clients %d ok %d failed  train_loss %.5g  fed_mse %.5g",
-                r,
-                config.rounds.num_rounds,
-                len(updates),
-                len(failures),
-                metrics["train_loss"],
-                metrics["fed_mse"],
-            )
-            for cid, why in failures:
-                logger.warning("round %d: client %s left out: %s", r, cid, why)
-            if stopper.update(metrics["fed_mse"]):
-                stopped_early = r < config.rounds.num_rounds
-                logger.info("early stop after round %d (no improvement)", r)
-                break
-        for f in logs:
-            f.result()
+            scored(history[-1], named("fed", EvalSums.merge_all(final.result())))
         baseline_mse = baseline.result()
         if baseline_mse is not None:
-            log_round(config, run_id, 0, {"baseline_mse": baseline_mse}, None, stats, names)
+            log(0, {"baseline_mse": baseline_mse})
+        send(0, None)
+        for f in logs:
+            f.result()
         raw = params.to_raw(stats)
         summary = {
             "feature_names": names,
@@ -173,3 +216,11 @@ def federated_training(config: FLConfig = FLConfig()) -> TrainingResult:  # noqa
         baseline_mse=baseline_mse,
         history=history,
     )
+
+
+def _run_tags(config: FLConfig) -> dict[str, str]:
+    return {
+        "fedtune.version": fl.__version__,
+        "fedtune.data.source": config.data.source,
+        "prefect.flow_run_id": str(flow_run.get_id() or ""),
+    }

@@ -105,25 +105,26 @@ def log_round(
     config: FLConfig,
     run_id: str,
     round_num: int,
-    metrics: dict[str, float],
+    metrics: dict[int, dict[str, float]],
     params: ModelParams | None,
     stats: FeatureStats,
     feature_names: list[str],
 ) -> str | None:
-    """Metrics at ``step=round_num``; with ``params``, the round's global model too."""
+    """Metrics (``{step: {key: value}}``, non-finite values skipped) in one batch; with
+    ``params``, the round's global model as a logged model at ``step=round_num``."""
     from mlflow.entities import Metric
     from mlflow.utils.time import get_current_time_millis
 
     uri = tracking_uri(config)
     now = get_current_time_millis()
-    _client(uri).log_batch(
-        run_id,
-        metrics=[
-            Metric(k, float(v), now, round_num)
-            for k, v in metrics.items()
-            if v is not None and np.isfinite(v)
-        ],
-    )
+    batch = [
+        Metric(key, float(value), now, step)
+        for step, values in metrics.items()
+        for key, value in values.items()
+        if value is not None and np.isfinite(value)
+    ]
+    if batch:
+        _client(uri).log_batch(run_id, metrics=batch)
     if params is None or not config.experiment.log_round_models:
         return None
     pipe = _pipeline(params, stats, config, feature_names)

@@ -193,9 +193,7 @@ def test_flow_fedavg_equals_a_hand_computed_weighted_mean(prefect_api, mlflow_ur
     refs = registry(config.data, config.experiment.seed)
     reports = [fl_client.feature_moments(ref, config.client.chunk_size) for ref in refs]
     _, stats = combine_reports(reports)
-    updates = [
-        fl_client.train(ref, ModelParams.zeros(3), stats, config.client, 1) for ref in refs
-    ]
+    updates = [fl_client.train(ref, ModelParams.zeros(3), stats, config.client, 1) for ref in refs]
     n = [u.num_examples for u in updates]
     assert len(set(n)) == 3  # the weights really differ
     by_hand = sum(ni * u.params.to_vector() for ni, u in zip(n, updates, strict=True)) / sum(n)

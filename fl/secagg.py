@@ -1,0 +1,642 @@
+"""Secure aggregation: the server learns the sum of the clients' vectors and nothing else.
+
+Bonawitz, Ivanov, Kreuter, Marcedone, McMahan, Patel, Ramage, Segal and Seth, 2017, "Practical
+Secure Aggregation for Privacy-Preserving Machine Learning" (ACM CCS), the protocol for an
+honest-but-curious server, simulated in one process but with real cryptography. Rounds are
+numbered as in the paper (round 3, the consistency check, belongs to the malicious-server
+variant, which is not implemented):
+
+0. **Advertise keys.** Each client ``u`` makes two X25519 key pairs: ``c_u`` to encrypt the
+   shares it sends to other clients, ``s_u`` to agree pairwise masks. The server broadcasts the
+   roster of public keys (U1).
+1. **Share keys.** ``u`` picks a self-mask seed ``b_u`` and Shamir-shares ``b_u`` and the
+   secret key of ``s_u``, t-of-n, among the roster; each share travels encrypted (AES-GCM,
+   key from X25519 + HKDF-SHA256) through the server. U2: the clients whose shares arrived.
+2. **Masked input.** ``u`` sends ``y_u = x_u + PRG(b_u) + sum_v +/-PRG(s_uv)`` in Z_(2^64),
+   where ``s_uv`` comes from key agreement with each ``v`` in U2, ``+`` if ``u < v`` and ``-``
+   otherwise, so that the pairwise masks cancel in the sum. U3: the clients whose masked input
+   arrived.
+4. **Unmasking.** Each surviving client sends, for every ``v`` in U3, its share of ``b_v``
+   and, for every ``v`` that dropped after sharing keys (U2 minus U3), its share of ``v``'s
+   mask key: never both for the same client. With ``t`` responses the server rebuilds the
+   self masks of U3 and the pairwise masks that dropped clients left behind, and removes them.
+
+Every step needs at least ``threshold`` clients (t); with fewer the protocol fails closed with
+:class:`SecAggAbort`. Up to ``n - t`` clients may drop out; the usual choice is a majority,
+``t > n / 2``. Clients are trusted to follow the protocol, and so is the server, which may
+however try to learn from what it sees (honest-but-curious).
+
+Vectors are summed in fixed point (:class:`FixedPoint`): ``round(x * 2^frac_bits)`` as a
+two's-complement 64-bit integer, so numpy's ``uint64`` arithmetic, which wraps modulo 2^64, is
+the group Z_(2^64).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+MOD_BITS = 64
+"""Masked vectors live in Z_(2^64)."""
+
+FRAC_BITS = 24
+"""Default fixed-point resolution 2^-24 (about 6e-8); each value is rounded to within half of
+it, and with it ``num_clients * bound`` may reach 2^39 (about 5.5e11)."""
+
+SHAMIR_PRIME = 2**521 - 1
+"""The Mersenne prime M521: a 32-byte secret is a single field element, no splitting."""
+
+SUM_STRATEGIES = frozenset({"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "dpfedavg"})
+"""Strategies that need only the sum of client vectors, so can run under secure aggregation."""
+
+ORDER_STATISTIC_STRATEGIES = frozenset({"median", "trimmed_mean", "krum"})
+"""Strategies that need every individual update, which secure aggregation hides."""
+
+
+class SecAggAbort(RuntimeError):
+    """The protocol stopped rather than reveal anything: too few clients, or a bad message."""
+
+
+def supports_secure_aggregation(strategy: str) -> bool:
+    """Whether the strategy named ``strategy`` can aggregate a sum formed by secure
+    aggregation. Unknown names are refused (fail closed)."""
+    return strategy in SUM_STRATEGIES
+
+
+def check_secure_aggregation(strategy: str) -> None:
+    """Raise ``ValueError`` naming ``server.strategy`` unless it is sum-based."""
+    if strategy in ORDER_STATISTIC_STRATEGIES:
+        raise ValueError(
+            f"server.strategy: {strategy!r} uses order statistics of individual updates, "
+            "which secure aggregation hides; use a sum-based strategy "
+            f"({', '.join(sorted(SUM_STRATEGIES))})"
+        )
+    if strategy not in SUM_STRATEGIES:
+        raise ValueError(
+            f"server.strategy: {strategy!r} is not known to be sum-based, so it cannot run "
+            "under secure aggregation"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Fixed-point encoding
+
+
+@dataclass(frozen=True)
+class FixedPoint:
+    """Encoding of float vectors into Z_(2^64) for summing.
+
+    Parameters
+    ----------
+    bound : R; every coordinate of every client's vector must lie in [-R, R].
+    frac_bits : f; values are rounded to multiples of ``2^-f``.
+
+    The sum of ``n`` encoded vectors decodes correctly while ``n * ceil(R * 2^f) < 2^63``
+    (:meth:`check_capacity`); the decoded sum is then within ``n * 2^-f / 2`` of the exact sum.
+    """
+
+    bound: float
+    frac_bits: int = FRAC_BITS
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.bound) and self.bound > 0):
+            raise ValueError(f"bound: must be a positive finite number (got {self.bound!r})")
+        if not 0 <= self.frac_bits <= MOD_BITS - 2:
+            raise ValueError(f"frac_bits: must be in [0, {MOD_BITS - 2}] (got {self.frac_bits!r})")
+
+    @property
+    def resolution(self) -> float:
+        return 2.0**-self.frac_bits
+
+    def check_capacity(self, num_clients: int) -> None:
+        """Raise ``ValueError`` unless the sum of ``num_clients`` vectors cannot overflow."""
+        largest = math.ceil(self.bound * 2**self.frac_bits)
+        if not num_clients * largest < 2 ** (MOD_BITS - 1):
+            raise ValueError(
+                f"secure aggregation would overflow: num_clients * ceil(bound * 2^frac_bits) = "
+                f"{num_clients} * ceil({self.bound} * 2^{self.frac_bits}) = "
+                f"{num_clients * largest:.3e} must be below 2^{MOD_BITS - 1}; lower the bound, "
+                "frac_bits or the number of clients"
+            )
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """``round(x * 2^f)`` as two's-complement ``uint64``."""
+        x = np.asarray(x, dtype=np.float64)
+        if not np.all(np.isfinite(x)):
+            raise ValueError("x: has non-finite values")
+        if np.any(np.abs(x) > self.bound):
+            raise ValueError(
+                f"x: value {float(np.max(np.abs(x)))!r} is outside the secure-aggregation bound "
+                f"[-{self.bound}, {self.bound}]"
+            )
+        return np.rint(np.ldexp(x, self.frac_bits)).astype(np.int64).view(np.uint64)
+
+    def decode(self, v: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`encode`; also decodes a sum of encodings while
+        :meth:`check_capacity` holds for the number of summands."""
+        return np.ldexp(
+            np.asarray(v, dtype=np.uint64).view(np.int64).astype(np.float64), -self.frac_bits
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Primitives: PRG, key derivation, Shamir sharing
+
+
+def prg(seed: bytes, size: int) -> np.ndarray:
+    """``size`` pseudorandom uint64s: the AES-256-CTR keystream under ``seed``. Each seed is
+    used for one mask only, so a fixed nonce is safe."""
+    encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
+    return np.frombuffer(encryptor.update(bytes(8 * size)), dtype=np.uint64)
+
+
+def _hkdf(material: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(material)
+
+
+def _id_bytes(*ids: int) -> bytes:
+    return b"".join(i.to_bytes(8, "big") for i in ids)
+
+
+def _agree(private: X25519PrivateKey, peer_public: bytes) -> bytes:
+    return private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+
+
+def _pair_mask(shared: bytes, u: int, v: int, size: int) -> np.ndarray:
+    """The mask ``u`` adds for ``v`` from their agreed secret: ``+PRG(s_uv)`` if ``u < v``,
+    else ``-PRG(s_uv)``."""
+    seed = _hkdf(shared, b"fedtune/secagg/pairwise-mask" + _id_bytes(min(u, v), max(u, v)))
+    mask = prg(seed, size)
+    return mask if u < v else np.uint64(0) - mask
+
+
+def _channel(shared: bytes, sender: int, recipient: int) -> AESGCM:
+    # One key per direction, each encrypting a single message: a fixed nonce is then safe.
+    return AESGCM(_hkdf(shared, b"fedtune/secagg/share-channel" + _id_bytes(sender, recipient)))
+
+
+_NONCE = bytes(12)
+_FIELD_BYTES = (SHAMIR_PRIME.bit_length() + 7) // 8
+
+
+def shamir_split(
+    secret: int, threshold: int, xs: Sequence[int], random_bytes: Callable[[int], bytes]
+) -> dict[int, int]:
+    """Shares ``{x: f(x)}`` of ``secret`` for a random polynomial ``f`` of degree
+    ``threshold - 1`` over GF(``SHAMIR_PRIME``) with ``f(0) = secret``."""
+    if not 0 <= secret < SHAMIR_PRIME:
+        raise ValueError("secret: must be a field element")
+    # 16 bytes beyond the field size make the modular reduction's bias negligible (< 2^-120).
+    coeffs = [secret] + [
+        int.from_bytes(random_bytes(_FIELD_BYTES + 16), "big") % SHAMIR_PRIME
+        for _ in range(threshold - 1)
+    ]
+    shares = {}
+    for x in xs:
+        # Horner without reducing at each step: x is small, so acc grows by a few bits per
+        # step, and one reduction at the end halves the time.
+        acc = 0
+        for c in reversed(coeffs):
+            acc = acc * x + c
+        shares[x] = acc % SHAMIR_PRIME
+    return shares
+
+
+def lagrange_at_zero(xs: Sequence[int]) -> list[int]:
+    """Weights ``l_i`` with ``f(0) = sum_i l_i f(x_i)`` for any ``f`` of degree < len(xs)."""
+    weights = []
+    for i, xi in enumerate(xs):
+        num, den = 1, 1
+        for j, xj in enumerate(xs):
+            if j != i:
+                num = num * xj % SHAMIR_PRIME
+                den = den * (xj - xi) % SHAMIR_PRIME
+        weights.append(num * pow(den, -1, SHAMIR_PRIME) % SHAMIR_PRIME)
+    return weights
+
+
+def shamir_reconstruct(shares: Mapping[int, int], threshold: int) -> int:
+    """The secret from any ``threshold`` of its shares ``{x: f(x)}``."""
+    if len(shares) < threshold:
+        raise SecAggAbort(f"{len(shares)} shares cannot rebuild a secret; need {threshold}")
+    xs = sorted(shares)[:threshold]
+    return sum(w * shares[x] for w, x in zip(lagrange_at_zero(xs), xs, strict=True)) % SHAMIR_PRIME
+
+
+def _share_point(client_id: int) -> int:
+    return client_id + 1  # x = 0 would hand out the secret itself
+
+
+# --------------------------------------------------------------------------------------------
+# Messages
+
+
+@dataclass(frozen=True)
+class AdvertisedKeys:
+    """Round 0, client to server: a client's two public keys."""
+
+    client_id: int
+    channel_public: bytes
+    mask_public: bytes
+
+
+@dataclass(frozen=True)
+class EncryptedShare:
+    """Round 1, client to client through the server: the sender's shares of its self-mask
+    seed and mask key for the recipient, readable only by the recipient."""
+
+    sender: int
+    recipient: int
+    ciphertext: bytes
+
+
+@dataclass(frozen=True)
+class UnmaskingResponse:
+    """Round 4, client to server: shares of survivors' self-mask seeds and of dropped clients'
+    mask keys, keyed by the client they belong to."""
+
+    sender: int
+    self_mask_shares: dict[int, int]
+    mask_key_shares: dict[int, int]
+
+
+# --------------------------------------------------------------------------------------------
+# Parties
+
+
+class SecAggClient:
+    """One client's side of the protocol; each method is one round.
+
+    The methods keep no state between rounds: every secret derives from ``seed`` and every
+    message it needs is passed in. A client rebuilt from the same seed (for example inside a
+    later task) therefore continues the same session. (Within one object, derived values are
+    cached: key agreements and Shamir shares are the costly part.)
+
+    Parameters
+    ----------
+    client_id : a distinct integer >= 0; orders the pairwise masks and names the Shamir point.
+    threshold : t, the number of clients needed to unmask.
+    codec : the fixed-point encoding shared by all parties.
+    seed : 32 secret bytes from which all the client's keys and randomness derive; default:
+        fresh from the OS. Never reuse a seed for two sums: equal masks would reveal the
+        difference of the inputs.
+    """
+
+    def __init__(
+        self, client_id: int, threshold: int, codec: FixedPoint, seed: bytes | None = None
+    ):
+        if client_id < 0:
+            raise ValueError(f"client_id: must be >= 0 (got {client_id!r})")
+        if threshold < 2:
+            raise ValueError(f"threshold: must be at least 2 (got {threshold!r})")
+        self.client_id = client_id
+        self.threshold = threshold
+        self.codec = codec
+        seed = secrets.token_bytes(32) if seed is None else seed
+        if len(seed) < 32:
+            raise ValueError("seed: needs at least 32 bytes")
+        self._channel_key = X25519PrivateKey.from_private_bytes(_hkdf(seed, b"channel-key"))
+        self._mask_key_bytes = _hkdf(seed, b"mask-key")
+        self._mask_key = X25519PrivateKey.from_private_bytes(self._mask_key_bytes)
+        self._self_mask_seed = _hkdf(seed, b"self-mask-seed")
+        self._share_randomness = _hkdf(seed, b"shamir-coefficients")
+        self._public = AdvertisedKeys(
+            client_id,
+            self._channel_key.public_key().public_bytes_raw(),
+            self._mask_key.public_key().public_bytes_raw(),
+        )
+        self._channel_secrets: dict[bytes, bytes] = {}
+        self._share_cache: dict[tuple[AdvertisedKeys, ...], tuple[dict, dict]] = {}
+
+    def advertise_keys(self) -> AdvertisedKeys:
+        """Round 0."""
+        return self._public
+
+    def share_keys(self, roster: Sequence[AdvertisedKeys]) -> list[EncryptedShare]:
+        """Round 1: one encrypted share of ``b_u`` and of the mask key for each other client."""
+        self._check_roster(roster)
+        self_mask, mask_key = self._shares(roster)
+        out = []
+        for peer in roster:
+            if peer.client_id == self.client_id:
+                continue
+            x = _share_point(peer.client_id)
+            plaintext = self_mask[x].to_bytes(_FIELD_BYTES, "big") + mask_key[x].to_bytes(
+                _FIELD_BYTES, "big"
+            )
+            ids = _id_bytes(self.client_id, peer.client_id)
+            aead = _channel(
+                self._channel_secret(peer.channel_public), self.client_id, peer.client_id
+            )
+            out.append(
+                EncryptedShare(self.client_id, peer.client_id, aead.encrypt(_NONCE, plaintext, ids))
+            )
+        return out
+
+    def masked_input(
+        self, x: np.ndarray, roster: Sequence[AdvertisedKeys], inbox: Sequence[EncryptedShare]
+    ) -> np.ndarray:
+        """Round 2: ``y_u``. ``inbox`` holds the shares sent to this client by the others that
+        completed round 1 (U2); the pairwise masks are agreed with exactly those clients."""
+        keys = self._check_roster(roster)
+        cohort = self._check_inbox(inbox, keys)
+        encoded = self.codec.encode(x)
+        masked = encoded + prg(self._self_mask_seed, encoded.shape[0])
+        for v in cohort:
+            if v != self.client_id:
+                shared = _agree(self._mask_key, keys[v].mask_public)
+                masked += _pair_mask(shared, self.client_id, v, encoded.shape[0])
+        return masked
+
+    def unmasking_shares(
+        self,
+        roster: Sequence[AdvertisedKeys],
+        inbox: Sequence[EncryptedShare],
+        survivors: Sequence[int],
+    ) -> UnmaskingResponse:
+        """Round 4: given the clients whose masked input arrived (U3), release shares of their
+        self-mask seeds and of the mask keys of the others in U2, and nothing more.
+
+        The client works out who dropped from its own view of U2, so it never releases both
+        shares of the same client: with both, the server could unmask that client's input.
+        """
+        keys = self._check_roster(roster)
+        cohort = self._check_inbox(inbox, keys)
+        alive = set(survivors)
+        if not alive <= cohort:
+            raise SecAggAbort(
+                f"client {self.client_id}: survivors {sorted(alive - cohort)} never shared keys"
+            )
+        if self.client_id not in alive:
+            raise SecAggAbort(f"client {self.client_id}: not among the survivors it was sent")
+        if len(alive) < self.threshold:
+            raise SecAggAbort(
+                f"client {self.client_id}: {len(alive)} survivors are fewer than the "
+                f"threshold {self.threshold}"
+            )
+        received = self._decrypt(inbox, keys)
+        own_self_mask, own_mask_key = self._shares(roster)
+        mine = _share_point(self.client_id)
+        received[self.client_id] = (own_self_mask[mine], own_mask_key[mine])
+        return UnmaskingResponse(
+            self.client_id,
+            self_mask_shares={v: received[v][0] for v in sorted(alive)},
+            mask_key_shares={v: received[v][1] for v in sorted(cohort - alive)},
+        )
+
+    def _channel_secret(self, peer_public: bytes) -> bytes:
+        # Both directions of a channel use the same agreement; compute it once.
+        if peer_public not in self._channel_secrets:
+            self._channel_secrets[peer_public] = _agree(self._channel_key, peer_public)
+        return self._channel_secrets[peer_public]
+
+    def _shares(self, roster: Sequence[AdvertisedKeys]) -> tuple[dict[int, int], dict[int, int]]:
+        # A deterministic function of the seed and the roster, so rounds 1 and 4 agree without
+        # stored state; the cache only saves recomputing it.
+        cache_key = tuple(roster)
+        if cache_key not in self._share_cache:
+            self._share_cache[cache_key] = self._split_secrets(roster)
+        return self._share_cache[cache_key]
+
+    def _split_secrets(
+        self, roster: Sequence[AdvertisedKeys]
+    ) -> tuple[dict[int, int], dict[int, int]]:
+        stream = Cipher(algorithms.AES(self._share_randomness), modes.CTR(bytes(16))).encryptor()
+        xs = [_share_point(k.client_id) for k in roster]
+
+        def random_bytes(n: int) -> bytes:
+            return stream.update(bytes(n))
+
+        self_mask = shamir_split(
+            int.from_bytes(self._self_mask_seed, "big"), self.threshold, xs, random_bytes
+        )
+        mask_key = shamir_split(
+            int.from_bytes(self._mask_key_bytes, "big"), self.threshold, xs, random_bytes
+        )
+        return self_mask, mask_key
+
+    def _check_roster(self, roster: Sequence[AdvertisedKeys]) -> dict[int, AdvertisedKeys]:
+        keys = {k.client_id: k for k in roster}
+        if len(keys) != len(roster):
+            raise SecAggAbort(f"client {self.client_id}: the roster repeats a client id")
+        if keys.get(self.client_id) != self.advertise_keys():
+            raise SecAggAbort(f"client {self.client_id}: the roster does not hold its own keys")
+        if len(keys) < self.threshold:
+            raise SecAggAbort(
+                f"client {self.client_id}: roster of {len(keys)} is below the threshold "
+                f"{self.threshold}"
+            )
+        return keys
+
+    def _check_inbox(
+        self, inbox: Sequence[EncryptedShare], keys: Mapping[int, AdvertisedKeys]
+    ) -> set[int]:
+        senders = {s.sender for s in inbox}
+        if any(s.recipient != self.client_id for s in inbox) or len(senders) != len(inbox):
+            raise SecAggAbort(f"client {self.client_id}: inbox holds misrouted or repeated shares")
+        if not senders <= keys.keys() or self.client_id in senders:
+            raise SecAggAbort(f"client {self.client_id}: inbox holds shares from unknown senders")
+        cohort = senders | {self.client_id}
+        if len(cohort) < self.threshold:
+            raise SecAggAbort(
+                f"client {self.client_id}: {len(cohort)} clients shared keys, fewer than the "
+                f"threshold {self.threshold}"
+            )
+        return cohort
+
+    def _decrypt(
+        self, inbox: Sequence[EncryptedShare], keys: Mapping[int, AdvertisedKeys]
+    ) -> dict[int, tuple[int, int]]:
+        received = {}
+        for share in inbox:
+            aead = _channel(
+                self._channel_secret(keys[share.sender].channel_public),
+                share.sender,
+                self.client_id,
+            )
+            try:
+                plaintext = aead.decrypt(
+                    _NONCE, share.ciphertext, _id_bytes(share.sender, self.client_id)
+                )
+            except InvalidTag:
+                raise SecAggAbort(
+                    f"client {self.client_id}: share from client {share.sender} failed "
+                    "authentication"
+                ) from None
+            received[share.sender] = (
+                int.from_bytes(plaintext[:_FIELD_BYTES], "big"),
+                int.from_bytes(plaintext[_FIELD_BYTES:], "big"),
+            )
+        return received
+
+
+class SecAggServer:
+    """The server's side of one secure sum; each method is one round, called in order.
+
+    Parameters
+    ----------
+    threshold : t, the number of clients needed at every step.
+    codec : the fixed-point encoding shared by all parties.
+    dimension : the length of the vectors being summed.
+
+    It sees public keys, encrypted shares, masked vectors and, at the end, the shares needed
+    to remove the masks: enough to learn the sum of U3's vectors and nothing about any one.
+    """
+
+    def __init__(self, threshold: int, codec: FixedPoint, dimension: int):
+        if threshold < 2:
+            raise ValueError(f"threshold: must be at least 2 (got {threshold!r})")
+        self.threshold = threshold
+        self.codec = codec
+        self.dimension = dimension
+        self.roster_: list[AdvertisedKeys] = []
+        self.shared_keys_: list[int] = []
+        self.survivors_: list[int] = []
+        self._masked_sum = np.zeros(dimension, dtype=np.uint64)
+
+    def collect_keys(self, keys: Sequence[AdvertisedKeys]) -> list[AdvertisedKeys]:
+        """Round 0: the roster (U1) to broadcast to every client."""
+        ids = [k.client_id for k in keys]
+        if len(set(ids)) != len(ids):
+            raise SecAggAbort("advertise keys: a client id appears twice")
+        self._require(len(keys), "advertise keys")
+        self.codec.check_capacity(len(keys))
+        self.roster_ = sorted(keys, key=lambda k: k.client_id)
+        return list(self.roster_)
+
+    def route_shares(
+        self, outboxes: Sequence[Sequence[EncryptedShare]]
+    ) -> dict[int, list[EncryptedShare]]:
+        """Round 1: forward the encrypted shares; the clients that sent theirs form U2, and each
+        member of U2 gets the shares addressed to it by the others."""
+        roster = {k.client_id for k in self.roster_}
+        senders = {share.sender for outbox in outboxes for share in outbox}
+        if not senders <= roster:
+            raise SecAggAbort(
+                f"share keys: shares from clients {sorted(senders - roster)} outside the roster"
+            )
+        self._require(len(senders), "share keys")
+        self.shared_keys_ = sorted(senders)
+        inboxes: dict[int, list[EncryptedShare]] = {u: [] for u in self.shared_keys_}
+        for outbox in outboxes:
+            for share in outbox:
+                if share.recipient in inboxes:
+                    inboxes[share.recipient].append(share)
+        return inboxes
+
+    def collect_masked_inputs(self, masked: Mapping[int, np.ndarray]) -> list[int]:
+        """Round 2: add up the masked vectors; returns the survivors (U3) to send to clients."""
+        unknown = masked.keys() - set(self.shared_keys_)
+        if unknown:
+            raise SecAggAbort(f"masked input: from clients {sorted(unknown)} outside U2")
+        self._require(len(masked), "masked input")
+        total = np.zeros(self.dimension, dtype=np.uint64)
+        for u, y in masked.items():
+            y = np.asarray(y)
+            if y.dtype != np.uint64 or y.shape != (self.dimension,):
+                raise SecAggAbort(f"masked input: client {u} sent a malformed vector")
+            total += y
+        self._masked_sum = total
+        self.survivors_ = sorted(masked)
+        return list(self.survivors_)
+
+    def unmask(self, responses: Sequence[UnmaskingResponse]) -> np.ndarray:
+        """Round 4: the decoded float sum of the survivors' vectors."""
+        survivors = set(self.survivors_)
+        dropped = sorted(set(self.shared_keys_) - survivors)
+        responders = sorted((r for r in responses if r.sender in survivors), key=lambda r: r.sender)
+        self._require(len(responders), "unmasking")
+        for r in responders:
+            if r.self_mask_shares.keys() != survivors or r.mask_key_shares.keys() != set(dropped):
+                raise SecAggAbort(f"unmasking: client {r.sender} sent the wrong set of shares")
+        responders = responders[: self.threshold]
+        xs = [_share_point(r.sender) for r in responders]
+        weights = lagrange_at_zero(xs)
+
+        def rebuild(field: str, v: int) -> bytes:
+            shares = [getattr(r, field)[v] for r in responders]
+            secret = sum(w * s for w, s in zip(weights, shares, strict=True)) % SHAMIR_PRIME
+            if secret >= 2**256:
+                raise SecAggAbort(f"unmasking: the shares of client {v} rebuild no 32-byte secret")
+            return secret.to_bytes(32, "big")
+
+        total = self._masked_sum.copy()
+        for v in self.survivors_:
+            total -= prg(rebuild("self_mask_shares", v), self.dimension)
+        keys = {k.client_id: k for k in self.roster_}
+        for v in dropped:
+            key = X25519PrivateKey.from_private_bytes(rebuild("mask_key_shares", v))
+            if key.public_key().public_bytes_raw() != keys[v].mask_public:
+                raise SecAggAbort(f"unmasking: the rebuilt mask key of client {v} is wrong")
+            # Each survivor u added its mask for v; the same agreement, made from v's side.
+            for u in self.survivors_:
+                total -= _pair_mask(_agree(key, keys[u].mask_public), u, v, self.dimension)
+        return self.codec.decode(total)
+
+    def _require(self, count: int, step: str) -> None:
+        if count < self.threshold:
+            raise SecAggAbort(
+                f"{step}: only {count} clients left, below the threshold {self.threshold}; "
+                "aborting without revealing anything"
+            )
+
+
+@dataclass(frozen=True)
+class SecureSum:
+    """Result of :func:`secure_sum`: the sum and the clients (U3) whose vectors it holds."""
+
+    total: np.ndarray
+    included: list[int]
+
+
+def secure_sum(
+    vectors: Mapping[int, np.ndarray],
+    threshold: int,
+    codec: FixedPoint,
+    *,
+    drop_before_sharing: Sequence[int] = (),
+    drop_before_masking: Sequence[int] = (),
+    drop_before_unmasking: Sequence[int] = (),
+    seeds: Mapping[int, bytes] | None = None,
+) -> SecureSum:
+    """Run the whole protocol in-process over ``{client_id: vector}``, with clients dropping at
+    the given steps, and return what the server recovers.
+
+    ``seeds`` makes the run reproducible (tests); by default every client draws fresh secrets.
+    """
+    dims = {np.shape(v) for v in vectors.values()}
+    if len(dims) != 1 or len(next(iter(dims))) != 1:
+        raise ValueError("vectors: must be 1-D and of equal length")
+    server = SecAggServer(threshold, codec, next(iter(dims))[0])
+    clients = {
+        u: SecAggClient(u, threshold, codec, None if seeds is None else seeds[u]) for u in vectors
+    }
+    roster = server.collect_keys([c.advertise_keys() for c in clients.values()])
+    inboxes = server.route_shares(
+        [c.share_keys(roster) for u, c in clients.items() if u not in set(drop_before_sharing)]
+    )
+    gone = set(drop_before_sharing) | set(drop_before_masking)
+    survivors = server.collect_masked_inputs(
+        {
+            u: clients[u].masked_input(vectors[u], roster, inboxes[u])
+            for u in inboxes
+            if u not in gone
+        }
+    )
+    gone |= set(drop_before_unmasking)
+    responses = [
+        clients[u].unmasking_shares(roster, inboxes[u], survivors)
+        for u in survivors
+        if u not in gone
+    ]
+    return SecureSum(server.unmask(responses), survivors)
