@@ -63,7 +63,12 @@ def simulate(config: FLConfig) -> SimulationResult:
         params, state = strategy.aggregate(params, updates, state)
         central = central_evaluate(params, stats, config.data, seed)
         result.history.append(
-            {"round": r, "train_loss": train_loss(updates), **named("central", central)}
+            {
+                "round": r,
+                "train_loss": train_loss(updates),
+                **named("central", central),
+                "clients_ok": len(updates),
+            }
         )
     if not result.stopped_early:
         final = EvalSums.merge_all(client.evaluate(ref, params, stats, chunk) for ref in refs)

@@ -200,3 +200,29 @@ def test_flow_fedavg_equals_a_hand_computed_weighted_mean(prefect_api, mlflow_ur
     expected = ModelParams.from_vector(by_hand).to_raw(stats)
     np.testing.assert_allclose(result.coef, expected.coef, rtol=1e-12)
     assert result.intercept == pytest.approx(expected.intercept, rel=1e-12)
+
+
+def test_early_stopping_keeps_the_last_scored_model_and_matches_the_plain_loop(
+    prefect_api, mlflow_uri
+):
+    config = load_config(
+        SEED,
+        [
+            "rounds.num_rounds=30",
+            "rounds.patience=1",
+            "rounds.tolerance=0.05",
+            "experiment.log_round_models=false",
+        ],
+    )
+    result = federated_training(config)
+    plain = simulate(config)
+    assert result.stopped_early and plain.stopped_early
+    assert 2 <= result.rounds_completed < 30
+    assert result.rounds_completed == len(plain.history)
+    raw = plain.params.to_raw(plain.stats)
+    np.testing.assert_allclose(result.coef, raw.coef, rtol=0, atol=1e-12)
+    # The stop came from the last kept round failing to improve on the one before by 5%.
+    last, before = result.history[-1]["fed_mse"], result.history[-2]["fed_mse"]
+    assert last > before * 0.95
+    steps = [m.step for m in MlflowClient(mlflow_uri).get_metric_history(result.run_id, "fed_mse")]
+    assert sorted(steps) == list(range(1, result.rounds_completed + 1))
