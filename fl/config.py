@@ -105,12 +105,37 @@ class ServerConfig(_Section):
     weighting: Literal["num_examples", "uniform"] = "num_examples"
 
 
+class PrivacyConfig(_Section):
+    """Client-level DP-FedAvg and secure aggregation (see README, "Privacy")."""
+
+    noise_multiplier: float | None = Field(None, ge=0)
+    """z: Gaussian noise std relative to the clip norm. Setting it (or target_epsilon) turns DP
+    on."""
+    target_epsilon: float | None = Field(None, gt=0)
+    """The privacy budget: training stops before a round that would exceed it. Without
+    noise_multiplier, z is calibrated so that the planned rounds spend at most this."""
+    delta: float = Field(1e-5, gt=0, lt=1)
+    clipping_norm: float = Field(1.0, gt=0)
+    """C: L2 bound on one client's update (the initial C with adaptive clipping)."""
+    adaptive_clipping: bool = False
+    target_unclipped_quantile: float = Field(0.5, gt=0, lt=1)
+    clip_learning_rate: float = Field(0.2, ge=0)
+    secure_aggregation: bool = False
+    secagg_threshold: float = Field(0.6, gt=0.5, le=1)
+    """Fraction of a round's clients whose shares are needed to unmask the sum."""
+
+    @property
+    def dp(self) -> bool:
+        return self.noise_multiplier is not None or self.target_epsilon is not None
+
+
 class FLConfig(_Section):
     experiment: ExperimentConfig = ExperimentConfig()
     data: DataConfig = DataConfig()
     rounds: RoundsConfig = RoundsConfig()
     client: ClientConfig = ClientConfig()
     server: ServerConfig = ServerConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     @model_validator(mode="after")
     def _check(self) -> FLConfig:
@@ -122,6 +147,10 @@ class FLConfig(_Section):
             )
         if self.data.source == "diabetes" and self.data.num_features != 1:
             raise ValueError("data.num_features: applies to the synthetic source only")
+        if self.privacy.secure_aggregation:
+            from fl.secagg import check_secure_aggregation
+
+            check_secure_aggregation(self.server.strategy)
         return self
 
     def flat(self) -> dict[str, Any]:

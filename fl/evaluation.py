@@ -73,6 +73,8 @@ def ols_baseline(
 def train_loss(updates: list) -> float:
     """Example-weighted mean of the clients' training losses."""
     n = sum(u.num_examples for u in updates)
+    if n == 0:
+        return float("nan")
     return sum(u.metrics["train_loss"] * u.num_examples for u in updates) / n
 
 

@@ -134,3 +134,16 @@ class ClientUpdate:
     num_examples: int
     metrics: dict[str, float]
     evaluation: EvalSums | None = None
+
+
+@dataclass(frozen=True)
+class MaskedUpdate:
+    """What crosses back under secure aggregation: the client's contribution (clipped update
+    and unclipped flag) encoded and masked, so the server learns it only as part of the sum,
+    plus the same scalars as a :class:`ClientUpdate`."""
+
+    client_id: str
+    masked: np.ndarray
+    num_examples: int
+    metrics: dict[str, float]
+    evaluation: EvalSums | None = None

@@ -20,11 +20,15 @@ so the same code runs on a sum formed in the clear or recovered by secure aggreg
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fl.params import ClientUpdate, ModelParams
+
+if TYPE_CHECKING:
+    from fl.config import FLConfig
 
 _STREAM_POISSON = 32
 _STREAM_DP_NOISE = 41
@@ -280,3 +284,106 @@ class DPFedAvg:
                 clip_norm, fraction, self.target_unclipped_quantile, self.clip_learning_rate
             )
         return ModelParams.from_vector(global_params.to_vector() + mean_delta), new_state
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """How a run aggregates under ``[privacy]``: the noise, the sampling, the denominator."""
+
+    noise_multiplier: float
+    """z (0 without DP: secure aggregation alone)."""
+    sampling_rate: float
+    """q: Poisson rate under DP; the fixed fraction of clients per round otherwise."""
+    expected_clients: float
+    delta: float
+    dp: bool
+    secure_aggregation: bool
+
+    @property
+    def poisson(self) -> bool:
+        return self.dp
+
+
+def plan_privacy(config: FLConfig, num_clients: int) -> PrivacyPlan | None:
+    """The privacy plan of a run, or None when ``[privacy]`` asks for nothing.
+
+    Under DP the sampling rate is ``rounds.fraction``, else ``clients_per_round / N``, else 1;
+    with ``target_epsilon`` the noise multiplier is calibrated for ``rounds.num_rounds``.
+    """
+    from fl.accounting import calibrate_noise_multiplier
+    from fl.rounds import clients_per_round
+
+    p = config.privacy
+    if not (p.dp or p.secure_aggregation):
+        return None
+    if p.dp:
+        if config.rounds.fraction is not None:
+            q = config.rounds.fraction
+        else:
+            q = clients_per_round(config.rounds, num_clients) / num_clients
+        z = p.noise_multiplier
+        if z is None:
+            z = calibrate_noise_multiplier(p.target_epsilon, p.delta, q, config.rounds.num_rounds)
+        return PrivacyPlan(z, q, q * num_clients, p.delta, True, p.secure_aggregation)
+    k = clients_per_round(config.rounds, num_clients)
+    return PrivacyPlan(0.0, k / num_clients, float(k), p.delta, False, True)
+
+
+def make_dp_strategy(config: FLConfig, plan: PrivacyPlan) -> DPFedAvg:
+    p = config.privacy
+    strategy = DPFedAvg(
+        noise_multiplier=plan.noise_multiplier,
+        clipping_norm=p.clipping_norm,
+        expected_clients=plan.expected_clients,
+        seed=config.experiment.seed,
+        adaptive_clipping=p.adaptive_clipping,
+        target_unclipped_quantile=p.target_unclipped_quantile,
+        clip_learning_rate=p.clip_learning_rate,
+    )
+    try:
+        strategy.check_params()
+    except ValueError as exc:
+        raise ValueError(f"privacy.{exc}") from None
+    return strategy
+
+
+def privacy_accountant(plan: PrivacyPlan | None):
+    """The accountant of a DP run (None without DP)."""
+    from fl.accounting import Accountant
+
+    if plan is None or not plan.dp:
+        return None
+    return Accountant(plan.noise_multiplier, plan.sampling_rate, plan.delta)
+
+
+def budget_exhausted(accountant, target_epsilon: float | None) -> bool:
+    """Whether the next round would take epsilon above ``target_epsilon``."""
+    return (
+        accountant is not None
+        and target_epsilon is not None
+        and accountant.would_exceed(target_epsilon)
+    )
+
+
+def sample_round(plan: PrivacyPlan | None, num_clients: int, k: int, seed: int, round_num: int):
+    """The round's client indices: Poisson sampling under DP (what the accountant assumes),
+    else ``k`` clients without replacement."""
+    from fl.rounds import sample_clients
+
+    if plan is not None and plan.poisson:
+        return poisson_sample(num_clients, plan.sampling_rate, seed, round_num)
+    return sample_clients(num_clients, k, seed, round_num)
+
+
+def privacy_summary(plan: PrivacyPlan | None, accountant) -> dict[str, Any]:
+    """The run's privacy guarantee, for summaries and model-version tags."""
+    if plan is None:
+        return {"dp_epsilon": None, "dp_delta": None}
+    spent = accountant.spent() if accountant is not None else None
+    return {
+        "dp_epsilon": None if spent is None else spent.epsilon,
+        "dp_delta": None if spent is None else spent.delta,
+        "dp_noise_multiplier": plan.noise_multiplier,
+        "dp_sampling_rate": plan.sampling_rate,
+        "secure_aggregation": plan.secure_aggregation,
+    }

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from fl import client
 from fl.config import FLConfig
 from fl.data import registry
@@ -25,7 +27,15 @@ from fl.evaluation import (
     train_loss,
 )
 from fl.params import FeatureStats, ModelParams
-from fl.rounds import EarlyStopping, clients_per_round, sample_clients
+from fl.privacy import (
+    budget_exhausted,
+    client_contribution,
+    plan_privacy,
+    privacy_accountant,
+    sample_round,
+)
+from fl.rounds import EarlyStopping, clients_per_round
+from fl.secagg import FixedPoint
 from fl.statistics import combine_reports
 from fl.strategies import make_strategy
 
@@ -45,33 +55,53 @@ def simulate(config: FLConfig) -> SimulationResult:
     refs = registry(config.data, seed)
     names, stats = combine_reports([client.feature_moments(ref, chunk) for ref in refs])
     params = ModelParams.zeros(len(names))
-    strategy, state = make_strategy(config.server), {}
+    plan = plan_privacy(config, len(refs))
+    strategy, state = make_strategy(config, plan), {}
+    accountant = privacy_accountant(plan)
     k = clients_per_round(config.rounds, len(refs))
     stopper = EarlyStopping(config.rounds.tolerance, config.rounds.patience)
     result = SimulationResult(params, stats, names)
     for r in range(1, config.rounds.num_rounds + 1):
-        sampled = [refs[i] for i in sample_clients(len(refs), k, seed, r)]
+        if budget_exhausted(accountant, config.privacy.target_epsilon):
+            break
+        sampled = [refs[i] for i in sample_round(plan, len(refs), k, seed, r)]
         updates = [client.train(ref, params, stats, config.client, r) for ref in sampled]
-        scored = named("fed", received_evaluation(updates))
+        scored = named("fed", received_evaluation(updates)) if updates else {}
         if r == 1:
             result.initial = scored
-        else:
+        elif scored:
             result.history[-1].update(scored)
             if stopper.update(scored["fed_mse"]):
                 result.stopped_early = True
                 break
-        params, state = strategy.aggregate(params, updates, state)
+        entry: dict[str, Any] = {"round": r}
+        if plan is not None and plan.secure_aggregation:
+            params, state = _secure_sum_aggregate(strategy, params, updates, state)
+        else:
+            params, state = strategy.aggregate(params, updates, state)
+        if accountant is not None:
+            entry["dp_epsilon"] = accountant.step().epsilon
         central = central_evaluate(params, stats, config.data, seed)
-        result.history.append(
+        entry.update(
             {
-                "round": r,
                 "train_loss": train_loss(updates),
                 **named("central", central),
                 "clients_ok": len(updates),
             }
         )
+        result.history.append(entry)
     if not result.stopped_early:
         final = EvalSums.merge_all(client.evaluate(ref, params, stats, chunk) for ref in refs)
         result.history[-1].update(named("fed", final))
     result.params = params
     return result
+
+
+def _secure_sum_aggregate(strategy, params, updates, state):
+    """What secure aggregation recovers, without running the protocol: masks cancel exactly
+    in Z_(2^64), so the server's sum is the decoded sum of the encoded contributions."""
+    clip = strategy.clip_norm(state)
+    codec = FixedPoint(bound=max(clip, 1.0))
+    encoded = [codec.encode(client_contribution(params, u.params, clip)) for u in updates]
+    total = codec.decode(np.sum(encoded, axis=0, dtype=np.uint64))
+    return strategy.aggregate_sum(params, total, len(updates), state)

@@ -53,12 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from fl.config import ConfigError, load_config
     from fl.data import ClientDataError, registry
+    from fl.privacy import plan_privacy
     from fl.rounds import clients_per_round
+    from fl.strategies import make_strategy
 
     try:
         config = load_config(args.config, args.overrides)
         num_clients = len(registry(config.data, config.experiment.seed))
         clients_per_round(config.rounds, num_clients)
+        make_strategy(config, plan_privacy(config, num_clients))
     except (ConfigError, ClientDataError, ValueError) as exc:
         return _fail("config error", str(exc), 2)
     if args.command == "config":

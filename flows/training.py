@@ -21,9 +21,25 @@ from fl.config import FLConfig
 from fl.data import ClientRef, registry
 from fl.evaluation import EvalSums, named, received_evaluation, train_loss
 from fl.params import ClientUpdate, ModelParams
-from fl.rounds import EarlyStopping, clients_per_round, sample_clients
+from fl.privacy import (
+    budget_exhausted,
+    plan_privacy,
+    privacy_accountant,
+    privacy_summary,
+    sample_round,
+)
+from fl.rounds import EarlyStopping, clients_per_round
+from fl.secagg import SecAggAbort
+from fl.strategies import make_strategy
+from flows.secure_aggregation import secure_round
 from tasks.client import client_statistics, evaluate_client, train_client
-from tasks.server import aggregate, central_evaluate, feature_statistics, pooled_baseline
+from tasks.server import (
+    aggregate,
+    aggregate_sum,
+    central_evaluate,
+    feature_statistics,
+    pooled_baseline,
+)
 from tasks.tracking import end_run, log_final, log_round, start_run
 
 
@@ -122,54 +138,89 @@ def federated_training(config: FLConfig = FLConfig()) -> TrainingResult:  # noqa
             entry["clients_ok"],
             entry["clients_failed"],
             entry["train_loss"],
-            entry["fed_mse"],
+            entry.get("fed_mse", float("nan")),
         )
 
     try:
         names, stats = feature_statistics(client_statistics.map(refs, unmapped(chunk)).result())
         baseline = pooled_baseline.submit(config.data, seed)
+        plan = plan_privacy(config, len(refs))
+        strategy = make_strategy(config, plan)
+        accountant = privacy_accountant(plan)
+        if plan is not None:
+            log(
+                0,
+                {
+                    "dp_noise_multiplier": plan.noise_multiplier,
+                    "dp_sampling_rate": plan.sampling_rate,
+                },
+            )
         params = ModelParams.zeros(len(names))
         state: dict[str, Any] = {}
         stopper = EarlyStopping(config.rounds.tolerance, config.rounds.patience)
         history: list[dict[str, Any]] = []
         stopped_early = False
         for r in range(1, total + 1):
+            if budget_exhausted(accountant, config.privacy.target_epsilon):
+                logger.info("privacy budget: round %d would exceed target_epsilon; stopping", r)
+                break
             started = time.perf_counter()
-            sampled = [refs[i] for i in sample_clients(len(refs), k, seed, r)]
-            updates, failures = _collect(
-                train_client.map(
-                    [quote(ref) for ref in sampled],
-                    unmapped(quote(params)),
-                    unmapped(quote(stats)),
-                    unmapped(quote(config.client)),
-                    r,
-                ),
-                sampled,
-            )
+            sampled = [refs[i] for i in sample_round(plan, len(refs), k, seed, r)]
+            secure_sum = None
+            try:
+                if plan is not None and plan.secure_aggregation:
+                    clip = strategy.clip_norm(state)
+                    secure_sum, updates, failures = secure_round(
+                        sampled, params, stats, config, clip, r
+                    )
+                else:
+                    updates, failures = _collect(
+                        train_client.map(
+                            [quote(ref) for ref in sampled],
+                            unmapped(quote(params)),
+                            unmapped(quote(stats)),
+                            unmapped(quote(config.client)),
+                            r,
+                        ),
+                        sampled,
+                    )
+            except SecAggAbort as exc:
+                # Fail closed: nothing is aggregated, the global model stays as it was.
+                logger.warning("round %d: secure aggregation aborted, model unchanged: %s", r, exc)
+                updates, failures = [], [(ref.client_id, str(exc)) for ref in sampled]
             for cid, why in failures:
                 logger.warning("round %d: client %s left out: %s", r, cid, why)
-            if not updates:
+            if not updates and plan is None:
                 reasons = "; ".join(f"{cid}: {why}" for cid, why in failures[:3])
                 raise RoundFailed(f"round {r}: no client update succeeded ({reasons})")
-            fed = named("fed", received_evaluation(updates))
+            fed = named("fed", received_evaluation(updates)) if updates else {}
             if r == 1:
                 log(0, {f"initial_{key}": v for key, v in fed.items()})
-            else:
+            elif fed:
                 scored(history[-1], fed)
                 if stopper.update(fed["fed_mse"]):
                     stopped_early = True
                     logger.info("early stop: round %d did not improve; keeping it", r - 1)
                     break
-            params, state = aggregate(params, updates, state, config.server, r)
+            entry: dict[str, Any] = {"round": r}
+            if secure_sum is not None:
+                params, state = aggregate_sum(strategy, params, secure_sum, len(updates), state, r)
+            elif updates or plan is not None:  # under DP an empty round still adds noise
+                params, state = aggregate(strategy, params, updates, state, r)
+            if accountant is not None:
+                entry["dp_epsilon"] = accountant.step().epsilon
+            if plan is not None:
+                entry["dp_clip_norm"] = strategy.clip_norm(state)
             central = central_evaluate(params, stats, config.data, seed, r)
-            entry = {
-                "round": r,
-                "train_loss": train_loss(updates),
-                **named("central", central),
-                "clients_ok": len(updates),
-                "clients_failed": len(failures),
-                "round_seconds": time.perf_counter() - started,
-            }
+            entry.update(
+                {
+                    "train_loss": train_loss(updates),
+                    **named("central", central),
+                    "clients_ok": len(updates),
+                    "clients_failed": len(failures),
+                    "round_seconds": time.perf_counter() - started,
+                }
+            )
             history.append(entry)
             log(r, {k: v for k, v in entry.items() if k != "round"}, params)
         if not stopped_early:
@@ -189,6 +240,7 @@ def federated_training(config: FLConfig = FLConfig()) -> TrainingResult:  # noqa
             f.result()
         raw = params.to_raw(stats)
         summary = {
+            **privacy_summary(plan, accountant),
             "feature_names": names,
             "coef": raw.coef.tolist(),
             "intercept": raw.intercept,

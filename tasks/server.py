@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
 from prefect import task
 
 from fl import evaluation
-from fl.config import DataConfig, ServerConfig
+from fl.config import DataConfig
 from fl.evaluation import EvalSums
 from fl.params import ClientUpdate, FeatureStats, ModelParams
+from fl.privacy import DPFedAvg
 from fl.statistics import StatsReport, combine_reports
-from fl.strategies import StrategyState, make_strategy
+from fl.strategies import Strategy, StrategyState
 from tasks import TASK_OPTIONS
 
 
@@ -20,13 +22,26 @@ def feature_statistics(reports: list[StatsReport]) -> tuple[list[str], FeatureSt
 
 @task(name="aggregate", task_run_name="aggregate-r{round_num:02d}", **TASK_OPTIONS)
 def aggregate(
+    strategy: Strategy,
     global_params: ModelParams,
     updates: list[ClientUpdate],
     state: StrategyState,
-    cfg: ServerConfig,
     round_num: int,
 ) -> tuple[ModelParams, StrategyState]:
-    return make_strategy(cfg).aggregate(global_params, updates, state)
+    return strategy.aggregate(global_params, updates, state)
+
+
+@task(name="aggregate-secure-sum", task_run_name="aggregate-r{round_num:02d}", **TASK_OPTIONS)
+def aggregate_sum(
+    strategy: DPFedAvg,
+    global_params: ModelParams,
+    contribution_sum: np.ndarray,
+    num_clients: int,
+    state: StrategyState,
+    round_num: int,
+) -> tuple[ModelParams, StrategyState]:
+    """The next model from a sum recovered by secure aggregation (noise added here)."""
+    return strategy.aggregate_sum(global_params, contribution_sum, num_clients, state)
 
 
 @task(name="central-evaluation", task_run_name="central-eval-r{round_num:02d}", **TASK_OPTIONS)

@@ -92,3 +92,13 @@ def test_flat_config_has_every_documented_key():
         "experiment.register_as",
     ]:
         assert key in flat
+
+
+def test_cli_rejects_a_privacy_plan_that_cannot_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(
+        ["run", "--set", "privacy.noise_multiplier=1.5", "--set", "privacy.adaptive_clipping=true"]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0
+    assert "privacy.noise_multiplier" in err

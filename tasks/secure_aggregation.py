@@ -1,0 +1,114 @@
+"""Client tasks of secure aggregation (Bonawitz et al., 2017), one per protocol round.
+
+A client's secrets live only on the client: in a key store in the client's own process,
+created when it advertises its keys and dropped after it has answered the unmasking request.
+They never appear in task parameters or results. (With Prefect's thread runner every simulated
+client shares this process; a task runner that moves a client's steps between processes turns
+into a dropout, which the protocol tolerates up to its threshold.)
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prefect import task
+
+from fl import client
+from fl.config import ClientConfig
+from fl.data import ClientRef
+from fl.params import FeatureStats, MaskedUpdate, ModelParams
+from fl.privacy import client_contribution
+from fl.secagg import (
+    AdvertisedKeys,
+    EncryptedShare,
+    FixedPoint,
+    SecAggClient,
+    UnmaskingResponse,
+)
+from tasks import TASK_OPTIONS
+
+_KEYSTORE: dict[tuple[str, str], SecAggClient] = {}
+_LOCK = threading.Lock()
+
+
+def _party(session: str, ref: ClientRef) -> SecAggClient:
+    with _LOCK:
+        party = _KEYSTORE.get((session, ref.client_id))
+    if party is None:
+        raise RuntimeError(f"client {ref.client_id!r}: no secure-aggregation keys for this round")
+    return party
+
+
+@task(
+    name="secagg-keys", task_run_name="secagg-keys-r{round_num:02d}-{ref.client_id}", **TASK_OPTIONS
+)
+def advertise_keys(
+    ref: ClientRef, session: str, threshold: int, codec: FixedPoint, round_num: int
+) -> AdvertisedKeys:
+    party = SecAggClient(ref.index, threshold, codec)  # fresh secrets from the OS, every round
+    with _LOCK:
+        _KEYSTORE[(session, ref.client_id)] = party
+    return party.advertise_keys()
+
+
+@task(
+    name="secagg-shares",
+    task_run_name="secagg-shares-r{round_num:02d}-{ref.client_id}",
+    **TASK_OPTIONS,
+)
+def share_keys(
+    ref: ClientRef, session: str, roster: list[AdvertisedKeys], round_num: int
+) -> list[EncryptedShare]:
+    return _party(session, ref).share_keys(roster)
+
+
+@task(
+    name="train-client-masked",
+    task_run_name="train-r{round_num:02d}-{ref.client_id}",
+    **TASK_OPTIONS,
+)
+def train_masked(
+    ref: ClientRef,
+    session: str,
+    roster: list[AdvertisedKeys],
+    inbox: list[EncryptedShare],
+    global_params: ModelParams,
+    stats: FeatureStats,
+    cfg: ClientConfig,
+    clip_norm: float,
+    round_num: int,
+) -> MaskedUpdate:
+    update = client.train(ref, global_params, stats, cfg, round_num)
+    contribution = client_contribution(global_params, update.params, clip_norm)
+    masked = _party(session, ref).masked_input(contribution, roster, inbox)
+    return MaskedUpdate(
+        update.client_id, masked, update.num_examples, update.metrics, update.evaluation
+    )
+
+
+@task(
+    name="secagg-unmask",
+    task_run_name="secagg-unmask-r{round_num:02d}-{ref.client_id}",
+    **TASK_OPTIONS,
+)
+def unmasking_shares(
+    ref: ClientRef,
+    session: str,
+    roster: list[AdvertisedKeys],
+    inbox: list[EncryptedShare],
+    survivors: list[int],
+    round_num: int,
+) -> UnmaskingResponse:
+    try:
+        return _party(session, ref).unmasking_shares(roster, inbox, survivors)
+    finally:
+        with _LOCK:
+            _KEYSTORE.pop((session, ref.client_id), None)
+
+
+def expire(session: str) -> None:
+    """Drop whatever keys a session left behind (clients that dropped out mid-protocol): a
+    client discards a round's secrets once the round is over, answered or not."""
+    with _LOCK:
+        for key in [k for k in _KEYSTORE if k[0] == session]:
+            del _KEYSTORE[key]

@@ -1,0 +1,114 @@
+"""Privacy through the Prefect flow: DP-FedAvg with its accountant, and secure aggregation,
+against a real temporary Prefect API and SQLite MLflow store."""
+
+from __future__ import annotations
+
+import dp_accounting
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from fl.config import load_config
+from fl.simulation import simulate
+from flows.training import federated_training
+from tests.test_flow import _task_runs
+
+DP = [
+    "data.num_clients=80",
+    "rounds.num_rounds=4",
+    "rounds.fraction=0.25",
+    "privacy.noise_multiplier=1.1",
+    "privacy.delta=1e-4",
+    "privacy.adaptive_clipping=true",
+    "experiment.log_round_models=false",
+]
+
+
+def _independent_epsilon(q: float, z: float, rounds: int, delta: float) -> float:
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), rounds
+    )
+    rdp = dp_accounting.rdp.RdpAccountant().compose(event).get_epsilon(delta)
+    pld = (
+        dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
+        .compose(event)
+        .get_epsilon(delta)
+    )
+    return min(rdp, pld)
+
+
+def test_dp_flow_reports_the_accountants_epsilon_every_round(prefect_api, mlflow_uri):
+    config = load_config(None, DP)
+    result = federated_training(config)
+    client = MlflowClient(mlflow_uri)
+    history = sorted(client.get_metric_history(result.run_id, "dp_epsilon"), key=lambda m: m.step)
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    for m in history:
+        assert m.value == pytest.approx(_independent_epsilon(0.25, 1.1, m.step, 1e-4), abs=1e-6)
+    assert np.diff([m.value for m in history]).min() > 0
+    summary = client.get_run(result.run_id).data
+    assert summary.metrics["dp_noise_multiplier"] == 1.1
+
+    plain = simulate(config)
+    raw = plain.params.to_raw(plain.stats)
+    np.testing.assert_allclose(result.coef, raw.coef, rtol=0, atol=1e-12)
+    assert [h["clients_ok"] for h in result.history] == [h["clients_ok"] for h in plain.history]
+
+
+def test_target_epsilon_stops_before_the_budget_is_exceeded(prefect_api, mlflow_uri):
+    budget = _independent_epsilon(0.25, 1.1, 2, 1e-4) + 1e-3  # room for two rounds, not three
+    result = federated_training(load_config(None, [*DP, f"privacy.target_epsilon={budget}"]))
+    eps = [h["dp_epsilon"] for h in result.history]
+    assert len(eps) == 2 and eps[-1] <= budget
+
+
+def test_target_epsilon_alone_calibrates_the_noise(prefect_api, mlflow_uri):
+    overrides = [o for o in DP if not o.startswith("privacy.noise_multiplier")]
+    result = federated_training(load_config(None, [*overrides, "privacy.target_epsilon=3.0"]))
+    assert len(result.history) == 4
+    assert 2.9 <= result.history[-1]["dp_epsilon"] <= 3.0
+
+
+def test_secure_aggregation_flow_recovers_the_sum_and_matches_the_plain_loop(
+    prefect_api, mlflow_uri
+):
+    config = load_config(
+        None,
+        [
+            "privacy.secure_aggregation=true",
+            "rounds.num_rounds=3",
+            "experiment.log_round_models=false",
+        ],
+    )
+    result = federated_training(config)
+    plain = simulate(config)
+    raw = plain.params.to_raw(plain.stats)
+    np.testing.assert_allclose(result.coef, raw.coef, rtol=0, atol=1e-12)
+    assert result.history[-1]["central_mse"] < result.history[0]["central_mse"]
+
+    flow_run_id = MlflowClient(mlflow_uri).get_run(result.run_id).data.tags["prefect.flow_run_id"]
+    expected = {
+        f"{step}-r{r:02d}-site-{c}"
+        for step in ("secagg-keys", "secagg-shares", "train", "secagg-unmask")
+        for r in (1, 2, 3)
+        for c in range(10)
+    }
+    runs, _ = _task_runs(flow_run_id, expected)
+    assert expected <= {t.name for t in runs}
+
+
+def test_secure_aggregation_fails_closed_below_threshold(prefect_api, mlflow_uri):
+    # One client a round can never be hidden in a sum: every round must abort, model unchanged.
+    config = load_config(
+        None,
+        [
+            "privacy.secure_aggregation=true",
+            "rounds.num_rounds=2",
+            "rounds.clients_per_round=1",
+            "experiment.log_round_models=false",
+        ],
+    )
+    result = federated_training(config)
+    assert result.coef == [0.0] or np.allclose(result.coef, 0.0)
+    assert [h["clients_failed"] for h in result.history] == [1, 1]
+    assert [h["clients_ok"] for h in result.history] == [0, 0]
