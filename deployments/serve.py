@@ -79,6 +79,34 @@ def build_deployments(
     ]
 
 
+class DeployedToWorkPool(RuntimeError):
+    """A deployment to serve already exists in a work pool (``prefect deploy``)."""
+
+
+def refuse_work_pool_deployments(deployments: Iterable[RunnerDeployment]) -> None:
+    """Raise :class:`DeployedToWorkPool` if any of ``deployments`` exists in a work pool.
+
+    Serving updates a deployment in place, and Prefect 3.9 leaves an update's unset fields as
+    they were: the work pool stays, the pull steps go, and every run of the deployment then
+    crashes ("No such file or directory: .../None"). Deleting it first avoids that.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        for deployment in deployments:
+            name = f"{deployment.flow_name}/{deployment.name}"
+            try:
+                existing = client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                continue
+            if existing.work_pool_name:
+                raise DeployedToWorkPool(
+                    f"{name} is deployed to work pool {existing.work_pool_name!r}; serve it "
+                    f"after `prefect deployment delete {name}`, or run it with a worker"
+                )
+
+
 def serve(names: Iterable[str] | None = None, limit: int | None = None) -> None:
     """Register the deployments and run their flow runs until interrupted.
 
@@ -90,7 +118,9 @@ def serve(names: Iterable[str] | None = None, limit: int | None = None) -> None:
 
     os.chdir(REPO)
     os.environ.setdefault("MLFLOW_TRACKING_URI", TRACKING_URI)
-    prefect.serve(*build_deployments(names), limit=limit)
+    deployments = build_deployments(names)
+    refuse_work_pool_deployments(deployments)
+    prefect.serve(*deployments, limit=limit)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -115,7 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         description="Serve the deployments of deployments/prefect.yaml from this process.",
     )
     args = add_arguments(parser).parse_args(argv)
-    serve(args.deployments, args.limit)
+    try:
+        serve(args.deployments, args.limit)
+    except (ValueError, DeployedToWorkPool) as exc:
+        print(f"serve: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

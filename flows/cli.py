@@ -38,6 +38,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--verbose", "-v", action="store_true", help="also show Prefect's per-task log lines"
     )
+    audit = sub.add_parser(
+        "audit", help="membership-inference audit of a finished run (simulated sources)"
+    )
+    audit.add_argument("--run", required=True, metavar="RUN_ID", help="the MLflow run id")
+    audit.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
+    )
     show = sub.add_parser("config", help="print the effective configuration as JSON and exit")
     show.add_argument("--config", "-c", metavar="FILE.toml")
     show.add_argument("--set", dest="overrides", action="append", default=[])
@@ -49,8 +58,45 @@ def _fail(kind: str, message: str, code: int) -> int:
     return code
 
 
+def _audit(run_id: str, uri: str) -> int:
+    import numpy as np
+
+    from fl.audit import client_losses, membership_audit
+    from fl.params import ModelParams
+    from tasks.tracking import load_run, log_audit
+
+    try:
+        config, summary = load_run(uri, run_id)
+        raw = ModelParams(np.asarray(summary["coef"], dtype=np.float64), summary["intercept"])
+        members, others = client_losses(config, raw, summary["rounds_completed"])
+    except Exception as exc:  # noqa: BLE001 -- any failure to load is reported in one line
+        return _fail("audit failed", f"run {run_id}: {exc}", 1)
+    result = membership_audit(
+        members, others, summary.get("dp_epsilon"), summary.get("dp_delta"), seed=0
+    ).to_dict()
+    log_audit(uri, run_id, result)
+    print(
+        f"membership audit of run {run_id}: advantage {result['advantage']:.4f}  "
+        f"AUC {result['auc']:.4f} (95% CI {result['auc_ci_low']:.4f}-{result['auc_ci_high']:.4f})"
+        f"  members {result['members']}  held-out {result['non_members']}"
+    )
+    if result["dp_advantage_bound"] is not None:
+        print(
+            f"(epsilon, delta) = ({result['dp_epsilon']:.4g}, {summary.get('dp_delta')}) "
+            f"bounds any attack's advantage by {result['dp_advantage_bound']:.4f}"
+        )
+    else:
+        print("the run was not differentially private: no bound applies")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "audit":
+        from tasks.tracking import DEFAULT_TRACKING_URI
+
+        uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+        return _audit(args.run, uri)
     from fl.config import ConfigError, load_config
     from fl.data import ClientDataError, registry
     from fl.privacy import plan_privacy

@@ -63,6 +63,7 @@ def start_run(config: FLConfig, tags: dict[str, str]) -> str:
         for k, v in config.flat().items()
     ]
     client.log_batch(run.info.run_id, params=params)
+    client.log_dict(run.info.run_id, config.model_dump(mode="json"), "config.json")
     return run.info.run_id
 
 
@@ -216,3 +217,37 @@ def register(uri: str, name: str, model_uri: str, run_id: str) -> str:
 @task(name="end-mlflow-run", **TASK_OPTIONS)
 def end_run(config: FLConfig, run_id: str, status: str = "FINISHED") -> None:
     _client(tracking_uri(config)).set_terminated(run_id, status)
+
+
+def load_run(uri: str, run_id: str) -> tuple[FLConfig, dict[str, Any]]:
+    """The configuration and summary a finished fedtune run logged."""
+    import mlflow.artifacts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {
+            name: mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=name, dst_path=tmp, tracking_uri=uri
+            )
+            for name in ("config.json", "summary.json")
+        }
+        config = FLConfig.model_validate(json.loads(Path(paths["config.json"]).read_text()))
+        summary = json.loads(Path(paths["summary.json"]).read_text())
+    return config, summary
+
+
+def log_audit(uri: str, run_id: str, result: dict[str, Any]) -> None:
+    """The membership audit's numbers as ``audit_*`` metrics and ``audit.json``."""
+    from mlflow.entities import Metric
+    from mlflow.utils.time import get_current_time_millis
+
+    client = _client(uri)
+    now = get_current_time_millis()
+    client.log_batch(
+        run_id,
+        metrics=[
+            Metric(f"audit_{k}", float(v), now, 0)
+            for k, v in result.items()
+            if isinstance(v, int | float) and np.isfinite(v)
+        ],
+    )
+    client.log_dict(run_id, result, "audit.json")
