@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    print(yaml.safe_dump({"parameters": parameters}, sort_keys=False), end="")
+    block = yaml.safe_dump({"parameters": parameters}, sort_keys=False)
+    # Indented as under a `deployments:` entry of prefect.yaml, to paste over the old block.
+    print("".join(f"    {line}" for line in block.splitlines(keepends=True)), end="")
     return 0
 
 
