@@ -4,6 +4,7 @@ model, and evaluate a model on its local test split. Each returns only numbers."
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.linear_model import SGDRegressor
@@ -97,8 +98,44 @@ def train(
 
 def evaluate(ref: ClientRef, params: ModelParams, stats: FeatureStats, chunk_size: int) -> EvalSums:
     """Sums for MSE/MAE/R² of the (standardised-space) model on the local test split."""
-    raw = params.to_raw(stats)
+    return evaluate_raw(ref, params.to_raw(stats), chunk_size)
+
+
+def evaluate_raw(ref: ClientRef, raw: ModelParams, chunk_size: int) -> EvalSums:
+    """The same for a model in raw units (e.g. a champion with statistics of its own)."""
     data = open_client(ref)
     return EvalSums.merge_all(
         EvalSums.of(y, raw.predict(X)) for X, y in data.chunks("test", chunk_size)
     )
+
+
+@dataclass(frozen=True)
+class FinalReport:
+    """A client's last message: the final model's test sums, the champion's on the same rows
+    (when there is one), and the sums after local fine-tuning (when asked)."""
+
+    client_id: str
+    evaluation: EvalSums
+    champion: EvalSums | None = None
+    personalized: EvalSums | None = None
+
+
+def final_report(
+    ref: ClientRef,
+    params: ModelParams,
+    stats: FeatureStats,
+    cfg: ClientConfig,
+    champion: ModelParams | None = None,
+    rounds: int = 0,
+) -> FinalReport:
+    """Score the final model (and the champion, in raw units) on the local test split; with
+    ``cfg.personalize_epochs``, fine-tune the final model on the local training split and
+    score that too. Only sums leave the client; the personalized model stays."""
+    evaluation = evaluate(ref, params, stats, cfg.chunk_size)
+    champion_sums = None if champion is None else evaluate_raw(ref, champion, cfg.chunk_size)
+    personalized = None
+    if cfg.personalize_epochs:
+        local = cfg.model_copy(update={"local_epochs": cfg.personalize_epochs})
+        tuned = train(ref, params, stats, local, rounds + 1)
+        personalized = evaluate(ref, tuned.params, stats, cfg.chunk_size)
+    return FinalReport(ref.client_id, evaluation, champion_sums, personalized)

@@ -24,7 +24,15 @@ class ExperimentConfig(_Section):
     run_name: str | None = None
     seed: int = Field(0, ge=0)
     register_as: str | None = None
-    """If set, the final model is registered under this Model Registry name."""
+    """If set, the final model is registered under this Model Registry name, and becomes its
+    ``champion`` when it beats the current one by ``promote_margin``."""
+    init_model: str | None = None
+    """Fine-tune from this model: an MLflow model URI (``models:/NAME@champion``,
+    ``models:/m-...``, ``runs:/RUN_ID/...``) or a previous fedtune run id. Its coefficients
+    start training and its feature statistics are kept."""
+    promote_margin: float = Field(0.0, ge=0, lt=1)
+    """The challenger replaces the champion when its federated MSE is lower by at least this
+    fraction of the champion's."""
     tracking_uri: str | None = None
     """MLflow tracking URI; default: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``."""
     log_round_models: bool = True
@@ -98,6 +106,9 @@ class ClientConfig(_Section):
     chunk_size: int = Field(1024, ge=1)
     """Rows per ``partial_fit`` call; files are read in chunks of this size."""
     shuffle: bool = True
+    personalize_epochs: int = Field(0, ge=0)
+    """After the last round every client fine-tunes the final model locally for this many
+    epochs and reports its test MSE before and after (0: no personalization report)."""
 
 
 class ServerConfig(_Section):

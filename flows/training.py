@@ -20,6 +20,7 @@ import fl
 from fl.config import FLConfig
 from fl.data import ClientRef, registry
 from fl.evaluation import EvalSums, named, received_evaluation, train_loss
+from fl.lifecycle import decide_promotion
 from fl.params import ClientUpdate, ModelParams
 from fl.privacy import (
     budget_exhausted,
@@ -31,8 +32,9 @@ from fl.privacy import (
 from fl.rounds import EarlyStopping, clients_per_round
 from fl.secagg import SecAggAbort
 from fl.strategies import make_strategy
+from flows.reporting import personalization_metrics, publish_summary
 from flows.secure_aggregation import secure_round
-from tasks.client import client_statistics, evaluate_client, train_client
+from tasks.client import client_statistics, final_report, train_client
 from tasks.server import (
     aggregate,
     aggregate_sum,
@@ -40,7 +42,14 @@ from tasks.server import (
     feature_statistics,
     pooled_baseline,
 )
-from tasks.tracking import end_run, log_final, log_round, start_run
+from tasks.tracking import (
+    end_run,
+    load_champion,
+    load_init_model,
+    log_final,
+    log_round,
+    start_run,
+)
 
 
 def default_task_runner() -> ThreadPoolTaskRunner:
@@ -71,6 +80,8 @@ class TrainingResult(BaseModel):
     rounds_completed: int
     stopped_early: bool
     baseline_mse: float | None = None
+    promoted: bool | None = None
+    """With ``experiment.register_as``: whether the new version became the champion."""
     history: list[dict[str, Any]]
 
 
@@ -142,7 +153,11 @@ def federated_training(config: FLConfig = FLConfig()) -> TrainingResult:  # noqa
         )
 
     try:
+        init = load_init_model(config) if config.experiment.init_model else None
+        champion = load_champion(config)
         names, stats = feature_statistics(client_statistics.map(refs, unmapped(chunk)).result())
+        if init is not None:
+            stats = init[1].stats_for(stats, init[0])
         baseline = pooled_baseline.submit(config.data, seed)
         plan = plan_privacy(config, len(refs))
         strategy = make_strategy(config, plan)
@@ -155,7 +170,9 @@ def federated_training(config: FLConfig = FLConfig()) -> TrainingResult:  # noqa
                     "dp_sampling_rate": plan.sampling_rate,
                 },
             )
-        params = ModelParams.zeros(len(names))
+        params = (
+            ModelParams.zeros(len(names)) if init is None else init[1].raw.to_standardised(stats)
+        )
         state: dict[str, Any] = {}
         stopper = EarlyStopping(config.rounds.tolerance, config.rounds.patience)
         history: list[dict[str, Any]] = []
@@ -223,15 +240,35 @@ def federated_training(config: FLConfig = FLConfig()) -> TrainingResult:  # noqa
             )
             history.append(entry)
             log(r, {k: v for k, v in entry.items() if k != "round"}, params)
+        # Every client scores the final model (and the champion, on the same rows), and
+        # optionally how much a local fine-tune of it would gain.
+        reports = final_report.map(
+            [quote(ref) for ref in refs],
+            unmapped(quote(params)),
+            unmapped(quote(stats)),
+            unmapped(quote(config.client)),
+            unmapped(quote(None if champion is None else champion[1].raw)),
+            len(history),
+        ).result()
+        final_fed = EvalSums.merge_all(rep.evaluation for rep in reports)
         if not stopped_early:
-            final = evaluate_client.map(
-                [quote(ref) for ref in refs],
-                unmapped(quote(params)),
-                unmapped(quote(stats)),
-                chunk,
-                total,
+            scored(history[-1], named("fed", final_fed))
+        if config.client.personalize_epochs:
+            log(len(history), personalization_metrics(reports))
+        promotion = None
+        if config.experiment.register_as:
+            champion_mse = None
+            if champion is not None:
+                champion_mse = EvalSums.merge_all(r.champion for r in reports).metrics()["mse"]
+            promotion = decide_promotion(
+                final_fed.metrics()["mse"], champion_mse, config.experiment.promote_margin
             )
-            scored(history[-1], named("fed", EvalSums.merge_all(final.result())))
+            logger.info(
+                "challenger fed_mse %.6g vs champion %s: %s",
+                promotion.challenger_mse,
+                "none" if champion_mse is None else f"{champion_mse:.6g}",
+                "promote" if promotion.promote else "keep the champion",
+            )
         baseline_mse = baseline.result()
         if baseline_mse is not None:
             log(0, {"baseline_mse": baseline_mse})
@@ -248,11 +285,14 @@ def federated_training(config: FLConfig = FLConfig()) -> TrainingResult:  # noqa
             "stopped_early": stopped_early,
             "baseline_mse": baseline_mse,
             "final_metrics": history[-1],
+            "init_model": None if init is None else init[0],
+            "promotion": None if promotion is None else promotion.tags(),
         }
         model_uri, version = log_final(
-            config, run_id, params, stats, names, history, baseline_mse, summary
+            config, run_id, params, stats, names, history, baseline_mse, summary, promotion
         )
         end_run(config, run_id)
+        publish_summary(config, run_id, summary, history, model_uri, version)
     except BaseException:
         end_run(config, run_id, "FAILED")
         raise
@@ -266,6 +306,7 @@ def federated_training(config: FLConfig = FLConfig()) -> TrainingResult:  # noqa
         rounds_completed=len(history),
         stopped_early=stopped_early,
         baseline_mse=baseline_mse,
+        promoted=None if promotion is None else promotion.promote,
         history=history,
     )
 

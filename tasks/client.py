@@ -8,7 +8,6 @@ from prefect import task
 from fl import client
 from fl.config import ClientConfig
 from fl.data import ClientRef
-from fl.evaluation import EvalSums
 from fl.params import ClientUpdate, FeatureStats, ModelParams
 from fl.statistics import StatsReport
 from tasks import TASK_OPTIONS
@@ -30,8 +29,13 @@ def train_client(
     return client.train(ref, global_params, stats, cfg, round_num)
 
 
-@task(name="evaluate-client", task_run_name="eval-r{round_num:02d}-{ref.client_id}", **TASK_OPTIONS)
-def evaluate_client(
-    ref: ClientRef, params: ModelParams, stats: FeatureStats, chunk_size: int, round_num: int
-) -> EvalSums:
-    return client.evaluate(ref, params, stats, chunk_size)
+@task(name="final-report", task_run_name="final-{ref.client_id}", **TASK_OPTIONS)
+def final_report(
+    ref: ClientRef,
+    params: ModelParams,
+    stats: FeatureStats,
+    cfg: ClientConfig,
+    champion: ModelParams | None,
+    rounds: int,
+) -> client.FinalReport:
+    return client.final_report(ref, params, stats, cfg, champion, rounds)

@@ -18,6 +18,7 @@ from prefect import task
 
 from fl.client import make_estimator
 from fl.config import FLConfig
+from fl.lifecycle import InitModel, Promotion
 from fl.params import FeatureStats, ModelParams, to_pipeline
 from tasks import TASK_OPTIONS
 
@@ -169,6 +170,7 @@ def log_final(
     history: list[dict[str, Any]],
     baseline: float | None,
     summary: dict[str, Any],
+    promotion: Promotion | None = None,
 ) -> tuple[str, str | None]:
     """The final pipeline (with signature), a convergence plot, the per-round table, the run
     summary, and a Model Registry version if ``experiment.register_as`` is set.
@@ -195,11 +197,20 @@ def log_final(
     client.log_dict(run_id, {**summary, "model_uri": model_uri}, "summary.json")
     version = None
     if config.experiment.register_as:
-        version = register(uri, config.experiment.register_as, model_uri, run_id)
+        tags = {k: str(v) for k, v in summary.items() if k.startswith("dp_") and v is not None}
+        if promotion is not None:
+            tags.update(promotion.tags())
+            for key, value in promotion.tags().items():
+                client.set_tag(run_id, key, value)
+        version = register(uri, config.experiment.register_as, model_uri, run_id, tags)
+        if promotion is not None and promotion.promote:
+            client.set_registered_model_alias(config.experiment.register_as, CHAMPION, version)
     return model_uri, version
 
 
-def register(uri: str, name: str, model_uri: str, run_id: str) -> str:
+def register(
+    uri: str, name: str, model_uri: str, run_id: str, tags: dict[str, str] | None = None
+) -> str:
     """A new version of registered model ``name`` (created if missing) from ``model_uri``."""
     from mlflow.exceptions import MlflowException
 
@@ -210,8 +221,54 @@ def register(uri: str, name: str, model_uri: str, run_id: str) -> str:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     model_id = model_uri.removeprefix("models:/")
-    mv = client.create_model_version(name, source=model_uri, run_id=run_id, model_id=model_id)
+    mv = client.create_model_version(
+        name, source=model_uri, run_id=run_id, model_id=model_id, tags=tags
+    )
     return str(mv.version)
+
+
+CHAMPION = "champion"
+
+
+def _load_pipeline(uri: str, model_uri: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow.sklearn.load_model(model_uri)
+
+
+@task(name="load-init-model", **TASK_OPTIONS)
+def load_init_model(config: FLConfig) -> tuple[str, InitModel]:
+    """The model to fine-tune from ``experiment.init_model``: a model URI, or the final model
+    of a previous fedtune run given by its run id."""
+    uri = tracking_uri(config)
+    ref = config.experiment.init_model
+    model_uri = ref
+    try:
+        if ":/" not in ref:
+            _, summary = load_run(uri, ref)
+            model_uri = summary["model_uri"]
+        return model_uri, InitModel.from_pipeline(_load_pipeline(uri, model_uri))
+    except Exception as exc:  # noqa: BLE001 -- one line naming the key and the reference
+        raise ValueError(f"experiment.init_model: cannot load {ref!r}: {exc}") from None
+
+
+@task(name="load-champion", **TASK_OPTIONS)
+def load_champion(config: FLConfig) -> tuple[str, InitModel] | None:
+    """The registered model's current ``champion`` (version, model), if it has one."""
+    from mlflow.exceptions import MlflowException
+
+    name = config.experiment.register_as
+    if not name:
+        return None
+    uri = tracking_uri(config)
+    try:
+        mv = _client(uri).get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+    return str(mv.version), InitModel.from_pipeline(
+        _load_pipeline(uri, f"models:/{name}@{CHAMPION}")
+    )
 
 
 @task(name="end-mlflow-run", **TASK_OPTIONS)

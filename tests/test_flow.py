@@ -167,7 +167,7 @@ def test_files_source_trains_and_no_raw_data_leaves_a_client(prefect_api, mlflow
     flow_run_id = run.data.tags["prefect.flow_run_id"]
     clients = [ref.client_id for ref in refs]
     expected = {f"train-r{r:02d}-{c}" for r in range(1, 21) for c in clients}
-    expected |= {f"stats-{c}" for c in clients} | {f"eval-r20-{c}" for c in clients}
+    expected |= {f"stats-{c}" for c in clients} | {f"final-{c}" for c in clients}
     task_runs, flow_run = _task_runs(flow_run_id, expected)
     haystack.append(json.dumps(flow_run.parameters, default=str))
     haystack += [t.model_dump_json() for t in task_runs]
