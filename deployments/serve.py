@@ -79,6 +79,11 @@ def build_deployments(
     ]
 
 
+class NoPrefectServer(RuntimeError):
+    """No ``PREFECT_API_URL``: the deployments would live in a temporary server of this
+    process, out of reach of the UI and of ``prefect deployment run``."""
+
+
 class DeployedToWorkPool(RuntimeError):
     """A deployment to serve already exists in a work pool (``prefect deploy``)."""
 
@@ -115,7 +120,13 @@ def serve(names: Iterable[str] | None = None, limit: int | None = None) -> None:
     variables), so a deployment behaves the same whichever way it is run.
     """
     import prefect
+    from prefect.settings import get_current_settings
 
+    if not get_current_settings().api.url:
+        raise NoPrefectServer(
+            "PREFECT_API_URL is not set: start a Prefect server and point at it with "
+            "`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`"
+        )
     os.chdir(REPO)
     os.environ.setdefault("MLFLOW_TRACKING_URI", TRACKING_URI)
     deployments = build_deployments(names)
@@ -123,32 +134,27 @@ def serve(names: Iterable[str] | None = None, limit: int | None = None) -> None:
     prefect.serve(*deployments, limit=limit)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The serve options, shared by ``python -m deployments.serve`` and ``fedtune serve``."""
+def main(argv: list[str] | None = None, prog: str = "python -m deployments.serve") -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Serve the deployments of deployments/prefect.yaml from this process.",
+    )
     parser.add_argument(
         "--deployment",
         "-d",
         dest="deployments",
         action="append",
         metavar="NAME",
-        help="serve only this deployment of deployments/prefect.yaml (repeatable; default: all)",
+        help="serve only this deployment (repeatable; default: all)",
     )
     parser.add_argument(
         "--limit", type=int, metavar="N", help="run at most N flow runs at the same time"
     )
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m deployments.serve",
-        description="Serve the deployments of deployments/prefect.yaml from this process.",
-    )
-    args = add_arguments(parser).parse_args(argv)
+    args = parser.parse_args(argv)
     try:
         serve(args.deployments, args.limit)
-    except (ValueError, DeployedToWorkPool) as exc:
-        print(f"serve: {exc}", file=sys.stderr)
+    except (ValueError, DeployedToWorkPool, NoPrefectServer) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     return 0
 

@@ -4,6 +4,7 @@ model, and evaluate a model on its local test split. Each returns only numbers."
 from __future__ import annotations
 
 import time
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,13 +35,14 @@ def make_estimator(
     )
 
 
-def client_random_state(seed: int, round_num: int, index: int) -> np.random.RandomState:
-    """The random state of one client's local training in one round.
+def client_random_state(seed: int, round_num: int, client_id: str) -> np.random.RandomState:
+    """The random state of one client's local training in one round: a function of the
+    client's own id, so it does not change when other clients come or go.
 
     An instance, not an int: ``partial_fit`` re-seeds from an int on every call, which would
     shuffle every local epoch in the same order (and costs a fresh ``RandomState`` each time).
     """
-    seq = np.random.SeedSequence([seed, _STREAM_CLIENT, round_num, index])
+    seq = np.random.SeedSequence([seed, _STREAM_CLIENT, round_num, zlib.crc32(client_id.encode())])
     return np.random.RandomState(int(seq.generate_state(1)[0]))
 
 
@@ -73,7 +75,7 @@ def train(
     received = evaluate(ref, global_params, stats, cfg.chunk_size)
     data = open_client(ref)
     est = global_params.warm_start(
-        make_estimator(cfg, client_random_state(ref.seed, round_num, ref.index))
+        make_estimator(cfg, client_random_state(ref.seed, round_num, ref.client_id))
     )
     sse, n = 0.0, 0
     for epoch in range(cfg.local_epochs):

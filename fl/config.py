@@ -114,6 +114,9 @@ class ClientConfig(_Section):
 class ServerConfig(_Section):
     strategy: Literal["fedavg"] = "fedavg"
     weighting: Literal["num_examples", "uniform"] = "num_examples"
+    max_update_norm: float | None = Field(None, gt=0)
+    """Reject a client's update whose L2 distance from the global model (standardised units)
+    exceeds this. Non-finite updates are always rejected."""
 
 
 class PrivacyConfig(_Section):

@@ -147,3 +147,27 @@ class MaskedUpdate:
     num_examples: int
     metrics: dict[str, float]
     evaluation: EvalSums | None = None
+
+
+def screen_updates(
+    updates: list[ClientUpdate], global_params: ModelParams, max_norm: float | None = None
+) -> tuple[list[ClientUpdate], list[tuple[str, str]]]:
+    """Split updates into those safe to aggregate and ``(client_id, reason)`` rejections:
+    non-finite parameters, no training examples, or (with ``max_norm``) an update whose L2
+    distance from the global model exceeds it. A rejected update is never averaged in."""
+    kept: list[ClientUpdate] = []
+    rejected: list[tuple[str, str]] = []
+    base = global_params.to_vector()
+    for u in updates:
+        vector = u.params.to_vector()
+        if not np.all(np.isfinite(vector)):
+            rejected.append((u.client_id, "non-finite parameters"))
+        elif u.num_examples <= 0:
+            rejected.append((u.client_id, "no training examples"))
+        elif max_norm is not None and (norm := float(np.linalg.norm(vector - base))) > max_norm:
+            rejected.append(
+                (u.client_id, f"update norm {norm:.4g} exceeds server.max_update_norm {max_norm}")
+            )
+        else:
+            kept.append(u)
+    return kept, rejected

@@ -26,7 +26,7 @@ from fl.evaluation import (
     received_evaluation,
     train_loss,
 )
-from fl.params import FeatureStats, ModelParams
+from fl.params import FeatureStats, ModelParams, screen_updates
 from fl.privacy import (
     budget_exhausted,
     client_contribution,
@@ -65,7 +65,11 @@ def simulate(config: FLConfig) -> SimulationResult:
         if budget_exhausted(accountant, config.privacy.target_epsilon):
             break
         sampled = [refs[i] for i in sample_round(plan, len(refs), k, seed, r)]
-        updates = [client.train(ref, params, stats, config.client, r) for ref in sampled]
+        updates, _ = screen_updates(
+            [client.train(ref, params, stats, config.client, r) for ref in sampled],
+            params,
+            config.server.max_update_norm,
+        )
         scored = named("fed", received_evaluation(updates)) if updates else {}
         if r == 1:
             result.initial = scored

@@ -75,6 +75,26 @@ def combine_reports(reports: list[StatsReport]) -> tuple[list[str], FeatureStats
     return list(first.feature_names), combine(r.moments for r in reports)
 
 
+def consistent_reports(
+    reports: list[StatsReport],
+) -> tuple[list[StatsReport], list[tuple[str, str]]]:
+    """Keep the clients whose feature columns are those most clients have; the others are
+    returned as ``(client_id, reason)`` so they can be excluded and reported."""
+    if not reports:
+        return [], []
+    counts: dict[tuple[str, ...], int] = {}
+    for r in reports:
+        counts[tuple(r.feature_names)] = counts.get(tuple(r.feature_names), 0) + 1
+    majority = max(counts, key=counts.get)  # ties: the first seen
+    kept = [r for r in reports if tuple(r.feature_names) == majority]
+    rejected = [
+        (r.client_id, f"features {r.feature_names} differ from the others' {list(majority)}")
+        for r in reports
+        if tuple(r.feature_names) != majority
+    ]
+    return kept, rejected
+
+
 def combine(moments: Iterable[Moments]) -> FeatureStats:
     """Global statistics from the clients' moments (population std; 1 where a column is
     constant, as ``StandardScaler`` does)."""

@@ -18,10 +18,10 @@ from pydantic import BaseModel
 
 import fl
 from fl.config import FLConfig
-from fl.data import ClientRef, registry
+from fl.data import ClientDataError, ClientRef, registry
 from fl.evaluation import EvalSums, named, received_evaluation, train_loss
 from fl.lifecycle import decide_promotion
-from fl.params import ClientUpdate, ModelParams
+from fl.params import ClientUpdate, ModelParams, screen_updates
 from fl.privacy import (
     budget_exhausted,
     plan_privacy,
@@ -31,6 +31,7 @@ from fl.privacy import (
 )
 from fl.rounds import EarlyStopping, clients_per_round
 from fl.secagg import SecAggAbort
+from fl.statistics import consistent_reports
 from fl.strategies import make_strategy
 from flows.reporting import personalization_metrics, publish_summary
 from flows.secure_aggregation import secure_round
@@ -95,7 +96,9 @@ def _collect(futures: list[PrefectFuture], refs: list[ClientRef]):
     failures: list[tuple[str, str]] = []
     for ref, future in zip(refs, futures, strict=True):
         outcome = future.result(raise_on_failure=False)
-        if isinstance(outcome, BaseException):
+        if isinstance(outcome, ClientDataError):
+            failures.append((ref.client_id, str(outcome)))
+        elif isinstance(outcome, BaseException):
             failures.append((ref.client_id, f"{type(outcome).__name__}: {outcome}"))
         else:
             updates.append(outcome)
@@ -155,7 +158,17 @@ def federated_training(config: FLConfig = FLConfig()) -> TrainingResult:  # noqa
     try:
         init = load_init_model(config) if config.experiment.init_model else None
         champion = load_champion(config)
-        names, stats = feature_statistics(client_statistics.map(refs, unmapped(chunk)).result())
+        reports, excluded = _collect(client_statistics.map(refs, unmapped(chunk)), refs)
+        reports, mismatched = consistent_reports(reports)
+        excluded += mismatched
+        for cid, why in excluded:
+            logger.warning("client %s excluded from this run: %s", cid, why)
+        if not reports:
+            raise RoundFailed("no client has usable data: " + "; ".join(w for _, w in excluded[:3]))
+        usable = {r.client_id for r in reports}
+        refs = [ref for ref in refs if ref.client_id in usable]
+        k = clients_per_round(config.rounds, len(refs))
+        names, stats = feature_statistics(reports)
         if init is not None:
             stats = init[1].stats_for(stats, init[0])
         baseline = pooled_baseline.submit(config.data, seed)
@@ -205,6 +218,9 @@ def federated_training(config: FLConfig = FLConfig()) -> TrainingResult:  # noqa
                 # Fail closed: nothing is aggregated, the global model stays as it was.
                 logger.warning("round %d: secure aggregation aborted, model unchanged: %s", r, exc)
                 updates, failures = [], [(ref.client_id, str(exc)) for ref in sampled]
+            if secure_sum is None:
+                updates, rejected = screen_updates(updates, params, config.server.max_update_norm)
+                failures += rejected
             for cid, why in failures:
                 logger.warning("round %d: client %s left out: %s", r, cid, why)
             if not updates and plan is None:
@@ -285,6 +301,7 @@ def federated_training(config: FLConfig = FLConfig()) -> TrainingResult:  # noqa
             "stopped_early": stopped_early,
             "baseline_mse": baseline_mse,
             "final_metrics": history[-1],
+            "excluded_clients": dict(excluded),
             "init_model": None if init is None else init[0],
             "promotion": None if promotion is None else promotion.tags(),
         }

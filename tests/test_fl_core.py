@@ -11,8 +11,8 @@ from fl import client, partition
 from fl.config import ClientConfig, DataConfig, FLConfig
 from fl.data import ClientDataError, ClientRef, open_client, pooled_train, registry
 from fl.evaluation import EvalSums, ols_baseline, pooled_baseline
-from fl.params import ClientUpdate, FeatureStats, ModelParams, to_pipeline
-from fl.statistics import Moments, combine, combine_reports
+from fl.params import ClientUpdate, FeatureStats, ModelParams, screen_updates, to_pipeline
+from fl.statistics import Moments, StatsReport, combine, combine_reports, consistent_reports
 from fl.strategies import FedAvg
 from tests.conftest import write_client_files
 
@@ -203,3 +203,30 @@ def test_client_ref_holds_no_rows():
     ref = registry(DataConfig(), 0)[0]
     assert isinstance(ref, ClientRef)
     assert set(ref.model_dump()) == {"client_id", "index", "data", "seed", "path"}
+
+
+def test_screen_updates_never_lets_a_bad_update_through():
+    good = _update("good", [1.0], 0.0, 10)
+    bad = [
+        _update("nan", [float("nan")], 0.0, 10),
+        _update("inf", [1.0], float("inf"), 10),
+        _update("empty", [1.0], 0.0, 0),
+        _update("huge", [1e6], 0.0, 10),
+    ]
+    kept, rejected = screen_updates([good, *bad], ModelParams.zeros(1), max_norm=100.0)
+    assert kept == [good]
+    assert [cid for cid, _ in rejected] == ["nan", "inf", "empty", "huge"]
+    params, _ = FedAvg().aggregate(ModelParams.zeros(1), kept, {})
+    assert np.isfinite(params.to_vector()).all()
+
+
+def test_clients_outside_the_majority_feature_space_are_set_aside():
+    m = Moments(1, np.zeros(2), np.zeros(2))
+    reports = [
+        StatsReport("a", ["x"], m),
+        StatsReport("b", ["x"], m),
+        StatsReport("c", ["z"], m),
+    ]
+    kept, rejected = consistent_reports(reports)
+    assert [r.client_id for r in kept] == ["a", "b"]
+    assert rejected[0][0] == "c" and "differ" in rejected[0][1]

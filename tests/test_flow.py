@@ -20,7 +20,7 @@ from fl.evaluation import ols_baseline
 from fl.params import ModelParams
 from fl.simulation import simulate
 from fl.statistics import combine_reports
-from flows.training import federated_training
+from flows.training import RoundFailed, federated_training
 from tests.conftest import write_client_files
 
 SEED = Path(__file__).resolve().parents[1] / "configs" / "seed.toml"
@@ -226,3 +226,43 @@ def test_early_stopping_keeps_the_last_scored_model_and_matches_the_plain_loop(
     assert last > before * 0.95
     steps = [m.step for m in MlflowClient(mlflow_uri).get_metric_history(result.run_id, "fed_mse")]
     assert sorted(steps) == list(range(1, result.rounds_completed + 1))
+
+
+def test_bad_clients_are_excluded_and_the_good_ones_train(prefect_api, mlflow_uri, tmp_path):
+    directory = write_client_files(tmp_path / "mixed", [120, 200, 80], seed=3)
+    (directory / "broken-text.csv").write_text("income,ratio,age,target\n1,2,3,4\n5,x,7,8\n")
+    (directory / "broken-nan.csv").write_text("income,ratio,age,target\n1,2,3,4\n5,,7,8\n")
+    (directory / "broken-schema.csv").write_text("income,ratio,target\n1,2,4\n5,6,8\n")
+    (directory / "broken-empty.csv").write_text("")
+    overrides = ["data.source=files", "data.target=target", "rounds.num_rounds=10"]
+    result = federated_training(load_config(None, [*overrides, f"data.path='{directory}'"]))
+
+    summary = json.loads(
+        Path(MlflowClient(mlflow_uri).download_artifacts(result.run_id, "summary.json")).read_text()
+    )
+    excluded = summary["excluded_clients"]
+    assert set(excluded) == {"broken-text", "broken-nan", "broken-schema", "broken-empty"}
+    assert "column 'ratio' row 1" in excluded["broken-text"]
+    assert "differ" in excluded["broken-schema"]
+    assert all(h["clients_ok"] == 3 for h in result.history)
+
+    good = tmp_path / "good"
+    good.mkdir()
+    for p in directory.glob("clinic-*.csv"):
+        shutil.copy(p, good / p.name)
+    alone = federated_training(load_config(None, [*overrides, f"data.path='{good}'"]))
+    np.testing.assert_allclose(result.coef, alone.coef, rtol=1e-12)
+
+
+def test_diverging_clients_never_change_the_global_model(prefect_api, mlflow_uri):
+    config = load_config(
+        SEED,
+        [
+            "client.learning_rate='constant'",
+            "client.eta0=1e200",
+            "rounds.num_rounds=2",
+            "server.max_update_norm=1000",
+        ],
+    )
+    with pytest.raises(RoundFailed, match=r"round 1: no client update succeeded .*exceeds"):
+        federated_training(config)
