@@ -49,6 +49,7 @@ from tasks.tracking import (
     load_init_model,
     log_final,
     log_round,
+    own_champion_uri,
     start_run,
 )
 
@@ -156,8 +157,15 @@ def federated_training(config: FLConfig = FLConfig()) -> TrainingResult:  # noqa
         )
 
     try:
-        init = load_init_model(config) if config.experiment.init_model else None
         champion = load_champion(config)
+        init = None
+        if config.experiment.init_model == own_champion_uri(config) and champion is None:
+            # A scheduled fine-tune of its own champion: the very first run has none yet.
+            logger.info(
+                "no champion of %s yet: training from scratch", config.experiment.register_as
+            )
+        elif config.experiment.init_model:
+            init = load_init_model(config)
         reports, excluded = _collect(client_statistics.map(refs, unmapped(chunk)), refs)
         reports, mismatched = consistent_reports(reports)
         excluded += mismatched

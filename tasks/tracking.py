@@ -230,6 +230,12 @@ def register(
 CHAMPION = "champion"
 
 
+def own_champion_uri(config: FLConfig) -> str | None:
+    """``models:/<register_as>@champion``: the model a scheduled fine-tune starts from."""
+    name = config.experiment.register_as
+    return f"models:/{name}@{CHAMPION}" if name else None
+
+
 def _load_pipeline(uri: str, model_uri: str):
     import mlflow
 

@@ -17,12 +17,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -33,6 +33,10 @@ from mlflow import MlflowClient
 from deployments.parameters import deployment_parameters
 from deployments.serve import PREFECT_FILE, REPO, project_deployments
 from fl.config import load_config
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from prefect.client.orchestration import SyncPrefectClient
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 POOL = "fedtune-process"
@@ -107,6 +111,16 @@ def test_nightly_schedule_is_two_oclock_berlin_every_day_across_dst():
     ]
 
 
+def test_serve_refuses_a_schedule_it_would_drop():
+    from deployments.serve import _schedules
+
+    entry = {"name": "hourly", "schedules": [{"interval": 3600}]}
+    with pytest.raises(ValueError, match="'hourly': serve takes schedules of cron and timezone"):
+        _schedules(entry)
+    [nightly] = _schedules(_deployment("nightly-finetune"))
+    assert (nightly.cron, nightly.timezone) == ("0 2 * * *", "Europe/Berlin")
+
+
 # --- a real Prefect server, process worker and serve process ------------------------------------
 
 
@@ -116,7 +130,8 @@ class Prefect:
 
     api_url: str
     env: dict[str, str]
-    logs: Path
+    home: Path
+    """PREFECT_HOME, which also holds the logs of the processes started against the server."""
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
@@ -126,7 +141,7 @@ class Prefect:
             pytest.fail(f"prefect {' '.join(args)}: exit {result.returncode}\n{_tail(result)}")
         return result
 
-    def client(self):
+    def client(self) -> SyncPrefectClient:
         from prefect.client.orchestration import SyncPrefectClient
 
         return SyncPrefectClient(self.api_url)
@@ -148,7 +163,7 @@ class Prefect:
     def log_tails(self) -> str:
         return "\n".join(
             f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-40:])
-            for log in sorted(self.logs.glob("*.log"))
+            for log in sorted(self.home.glob("*.log"))
         )
 
 
@@ -194,7 +209,13 @@ def _stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
         pass
 
 
-def _poll(check, what: str, prefect: Prefect, timeout: float = 60.0, proc=None):
+def _poll(
+    check: Callable[[], Any],
+    what: str,
+    prefect: Prefect,
+    timeout: float = 60.0,
+    proc: subprocess.Popen | None = None,
+) -> Any:
     """``check()``'s first truthy result, polled until ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -210,7 +231,8 @@ def _poll(check, what: str, prefect: Prefect, timeout: float = 60.0, proc=None):
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory) -> Iterator[Prefect]:
     home = tmp_path_factory.mktemp("prefect-home")
-    api_url = f"http://127.0.0.1:{_free_port()}/api"
+    port = str(_free_port())
+    api_url = f"http://127.0.0.1:{port}/api"
     env = {
         **os.environ,
         "PREFECT_HOME": str(home),
@@ -224,7 +246,6 @@ def prefect_server(tmp_path_factory) -> Iterator[Prefect]:
     # Where runs track is the deployments' business (job variables) or the test's.
     env.pop("MLFLOW_TRACKING_URI", None)
     prefect = Prefect(api_url, env, home)
-    port = api_url.split(":")[-1].removesuffix("/api")
     args = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", port]
     with _process(args, env, home / "server.log") as proc:
 
@@ -251,7 +272,7 @@ def deployed(prefect_server: Prefect) -> Prefect:
 @pytest.fixture(scope="module")
 def worker(deployed: Prefect) -> Iterator[Prefect]:
     args = [PREFECT, "worker", "start", "--pool", POOL]
-    with _process(args, deployed.env, deployed.logs / "worker.log") as proc:
+    with _process(args, deployed.env, deployed.home / "worker.log") as proc:
         with deployed.client() as client:
             _poll(
                 lambda: client.read_workers_for_work_pool(POOL),
@@ -291,21 +312,16 @@ def _run_config(rounds: int) -> dict[str, Any]:
     return deployment_parameters(REPO / CONFIG_FILES["train"], [f"rounds.num_rounds={rounds}"])
 
 
-def _assert_tracked_run(store: Store, rounds: int):
+def _assert_tracked_run(store: Store, rounds: int) -> Run:
     """The one MLflow run in ``store``, checked to be a finished ``rounds``-round train run."""
     [run] = store.client.search_runs([store.experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.params["rounds.num_rounds"] == str(rounds)
     for key in ("train_loss", "fed_mse", "central_mse"):
-        history = store.client.get_metric_history(run.info.run_id, key)
-        assert sorted(m.step for m in history) == list(range(1, rounds + 1)), key
-    fed_mse = [
-        m.value
-        for m in sorted(
-            store.client.get_metric_history(run.info.run_id, "fed_mse"), key=lambda m: m.step
-        )
-    ]
-    assert fed_mse[-1] < fed_mse[0]
+        history = {m.step: m.value for m in store.client.get_metric_history(run.info.run_id, key)}
+        assert sorted(history) == list(range(1, rounds + 1)), key
+        if key == "fed_mse":
+            assert history[rounds] < history[1]
     return run
 
 
@@ -458,7 +474,7 @@ def test_serve_runs_the_same_deployments_without_a_worker(deployed, mlflow_store
 
     for name in CONFIG_FILES:
         deployed.cli("deployment", "delete", f"{FLOW}/{name}")
-    with _process(serve, env, deployed.logs / "serve.log") as proc, deployed.client() as client:
+    with _process(serve, env, deployed.home / "serve.log") as proc, deployed.client() as client:
         from prefect.exceptions import ObjectNotFound
 
         def registered():

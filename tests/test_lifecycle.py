@@ -32,7 +32,10 @@ def _metric(client, run_id, key, step):
 def test_champion_challenger_lifecycle(prefect_api, mlflow_uri):
     client = MlflowClient(mlflow_uri)
 
-    first = federated_training(_config("client.personalize_epochs=3"))
+    # Scheduled-style: fine-tune your own champion; the first run has none and starts fresh.
+    first = federated_training(
+        _config("client.personalize_epochs=3", f"experiment.init_model='models:/{NAME}@champion'")
+    )
     assert first.promoted is True  # no champion yet
     champion = client.get_model_version_by_alias(NAME, "champion")
     assert str(champion.version) == first.registered_version
