@@ -87,6 +87,11 @@ class RoundsConfig(_Section):
     """Early stopping: minimum relative improvement of federated eval MSE."""
     patience: int | None = Field(None, ge=1)
     """Early stopping: rounds without ``tolerance`` improvement before stopping; None disables."""
+    min_clients: int = Field(1, ge=1)
+    """A round needs at least this many usable updates; otherwise it fails and the global
+    model stays as it was (without DP)."""
+    round_timeout_s: float | None = Field(None, gt=0)
+    """Clients that have not returned this long after the round started are left out of it."""
 
     @model_validator(mode="after")
     def _check(self) -> RoundsConfig:
@@ -106,6 +111,9 @@ class ClientConfig(_Section):
     chunk_size: int = Field(1024, ge=1)
     """Rows per ``partial_fit`` call; files are read in chunks of this size."""
     shuffle: bool = True
+    retries: int = Field(0, ge=0)
+    """Prefect retries of a failed client task (data errors are not retried)."""
+    retry_delay_s: float = Field(0.0, ge=0)
     personalize_epochs: int = Field(0, ge=0)
     """After the last round every client fine-tunes the final model locally for this many
     epochs and reports its test MSE before and after (0: no personalization report)."""
@@ -143,6 +151,18 @@ class PrivacyConfig(_Section):
         return self.noise_multiplier is not None or self.target_epsilon is not None
 
 
+class FaultsConfig(_Section):
+    """Injected faults, for simulations and tests of failure handling (seeded)."""
+
+    crash_probability: float = Field(0.0, ge=0, lt=1)
+    """Each client update crashes with this probability (per round and attempt)."""
+    always_fail: tuple[str, ...] = ()
+    """Client ids whose every update fails."""
+    slow_clients: tuple[str, ...] = ()
+    slowdown_s: float = Field(0.0, ge=0)
+    """Extra seconds each update of a ``slow_clients`` client takes."""
+
+
 class FLConfig(_Section):
     experiment: ExperimentConfig = ExperimentConfig()
     data: DataConfig = DataConfig()
@@ -150,6 +170,7 @@ class FLConfig(_Section):
     client: ClientConfig = ClientConfig()
     server: ServerConfig = ServerConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    faults: FaultsConfig = FaultsConfig()
 
     @model_validator(mode="after")
     def _check(self) -> FLConfig:

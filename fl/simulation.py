@@ -26,6 +26,7 @@ from fl.evaluation import (
     received_evaluation,
     train_loss,
 )
+from fl.faults import InjectedFault, inject
 from fl.params import FeatureStats, ModelParams, screen_updates
 from fl.privacy import (
     budget_exhausted,
@@ -65,11 +66,15 @@ def simulate(config: FLConfig) -> SimulationResult:
         if budget_exhausted(accountant, config.privacy.target_epsilon):
             break
         sampled = [refs[i] for i in sample_round(plan, len(refs), k, seed, r)]
-        updates, _ = screen_updates(
-            [client.train(ref, params, stats, config.client, r) for ref in sampled],
-            params,
-            config.server.max_update_norm,
-        )
+        trained = []
+        for ref in sampled:
+            try:
+                inject(config.faults, seed, r, ref.client_id)
+                trained.append(client.train(ref, params, stats, config.client, r))
+            except InjectedFault:
+                continue
+        updates, _ = screen_updates(trained, params, config.server.max_update_norm)
+        failed_round = plan is None and len(updates) < config.rounds.min_clients
         scored = named("fed", received_evaluation(updates)) if updates else {}
         if r == 1:
             result.initial = scored
@@ -79,7 +84,9 @@ def simulate(config: FLConfig) -> SimulationResult:
                 result.stopped_early = True
                 break
         entry: dict[str, Any] = {"round": r}
-        if plan is not None and plan.secure_aggregation:
+        if failed_round:
+            entry["round_failed"] = 1
+        elif plan is not None and plan.secure_aggregation:
             params, state = _secure_sum_aggregate(strategy, params, updates, state)
         else:
             params, state = strategy.aggregate(params, updates, state)

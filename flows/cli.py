@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     show = sub.add_parser("config", help="print the effective configuration as JSON and exit")
     show.add_argument("--config", "-c", metavar="FILE.toml")
     show.add_argument("--set", dest="overrides", action="append", default=[])
+    sub.add_parser(
+        "serve",
+        add_help=False,  # main() hands `fedtune serve ...` to deployments.serve, help included
+        help="serve the Prefect deployments of deployments/prefect.yaml from this process",
+    )
     return parser
 
 
@@ -91,6 +96,13 @@ def _audit(run_id: str, uri: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        # The command line is the entry point of every layer; only `serve` reaches the
+        # deployments layer, and only when asked for.
+        from deployments.serve import main as serve
+
+        return serve(argv[1:], prog="fedtune serve")
     args = _parser().parse_args(argv)
     if args.command == "audit":
         from tasks.tracking import DEFAULT_TRACKING_URI

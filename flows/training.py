@@ -10,14 +10,14 @@ import time
 from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
-from prefect.futures import PrefectFuture
+from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel
 
 import fl
-from fl.config import FLConfig
+from fl.config import FaultsConfig, FLConfig
 from fl.data import ClientDataError, ClientRef, registry
 from fl.evaluation import EvalSums, named, received_evaluation, train_loss
 from fl.lifecycle import decide_promotion
@@ -91,11 +91,18 @@ class RoundFailed(RuntimeError):
     """A round could not produce a new global model; the previous one stands."""
 
 
-def _collect(futures: list[PrefectFuture], refs: list[ClientRef]):
-    """Split finished client tasks into updates and ``(client_id, reason)`` failures."""
+def _collect(futures: list[PrefectFuture], refs: list[ClientRef], timeout: float | None = None):
+    """Split client tasks into updates and ``(client_id, reason)`` failures. Tasks still
+    running after ``timeout`` seconds are left out (and keep running: a thread cannot be
+    interrupted, so the deadline is enforced here, not by the task)."""
     updates: list[ClientUpdate] = []
     failures: list[tuple[str, str]] = []
+    if timeout is not None:
+        wait(futures, timeout=max(0.0, timeout))
     for ref, future in zip(refs, futures, strict=True):
+        if timeout is not None and not future.state.is_final():
+            failures.append((ref.client_id, f"timed out after {timeout:.3g} s"))
+            continue
         outcome = future.result(raise_on_failure=False)
         if isinstance(outcome, ClientDataError):
             failures.append((ref.client_id, str(outcome)))
@@ -198,6 +205,16 @@ def federated_training(config: FLConfig = FLConfig()) -> TrainingResult:  # noqa
         stopper = EarlyStopping(config.rounds.tolerance, config.rounds.patience)
         history: list[dict[str, Any]] = []
         stopped_early = False
+        first_failure: str | None = None
+        trainer = train_client.with_options(
+            retries=config.client.retries, retry_delay_seconds=config.client.retry_delay_s
+        )
+        faults = config.faults if config.faults != FaultsConfig() else None
+
+        def deadline(started: float) -> float | None:
+            timeout = config.rounds.round_timeout_s
+            return None if timeout is None else timeout - (time.perf_counter() - started)
+
         for r in range(1, total + 1):
             if budget_exhausted(accountant, config.privacy.target_epsilon):
                 logger.info("privacy budget: round %d would exceed target_epsilon; stopping", r)
@@ -213,14 +230,16 @@ def federated_training(config: FLConfig = FLConfig()) -> TrainingResult:  # noqa
                     )
                 else:
                     updates, failures = _collect(
-                        train_client.map(
+                        trainer.map(
                             [quote(ref) for ref in sampled],
                             unmapped(quote(params)),
                             unmapped(quote(stats)),
                             unmapped(quote(config.client)),
                             r,
+                            unmapped(quote(faults)),
                         ),
                         sampled,
+                        deadline(started),
                     )
             except SecAggAbort as exc:
                 # Fail closed: nothing is aggregated, the global model stays as it was.
@@ -231,9 +250,14 @@ def federated_training(config: FLConfig = FLConfig()) -> TrainingResult:  # noqa
                 failures += rejected
             for cid, why in failures:
                 logger.warning("round %d: client %s left out: %s", r, cid, why)
-            if not updates and plan is None:
+            failed_round = plan is None and len(updates) < config.rounds.min_clients
+            if failed_round:
                 reasons = "; ".join(f"{cid}: {why}" for cid, why in failures[:3])
-                raise RoundFailed(f"round {r}: no client update succeeded ({reasons})")
+                first_failure = first_failure or (
+                    f"round {r}: {len(updates)} usable update(s), rounds.min_clients is "
+                    f"{config.rounds.min_clients} ({reasons})"
+                )
+                logger.warning("%s; the global model stays as it was", first_failure)
             fed = named("fed", received_evaluation(updates)) if updates else {}
             if r == 1:
                 log(0, {f"initial_{key}": v for key, v in fed.items()})
@@ -244,7 +268,9 @@ def federated_training(config: FLConfig = FLConfig()) -> TrainingResult:  # noqa
                     logger.info("early stop: round %d did not improve; keeping it", r - 1)
                     break
             entry: dict[str, Any] = {"round": r}
-            if secure_sum is not None:
+            if failed_round:
+                entry["round_failed"] = 1
+            elif secure_sum is not None:
                 params, state = aggregate_sum(strategy, params, secure_sum, len(updates), state, r)
             elif updates or plan is not None:  # under DP an empty round still adds noise
                 params, state = aggregate(strategy, params, updates, state, r)
@@ -259,11 +285,15 @@ def federated_training(config: FLConfig = FLConfig()) -> TrainingResult:  # noqa
                     **named("central", central),
                     "clients_ok": len(updates),
                     "clients_failed": len(failures),
+                    "clients_timed_out": sum("timed out" in why for _, why in failures),
                     "round_seconds": time.perf_counter() - started,
+                    "failed_clients": "; ".join(f"{cid}: {why}" for cid, why in failures),
                 }
             )
             history.append(entry)
-            log(r, {k: v for k, v in entry.items() if k != "round"}, params)
+            log(r, {k: v for k, v in entry.items() if k not in ("round", "failed_clients")}, params)
+        if all(h.get("round_failed") for h in history) and first_failure:
+            raise RoundFailed(f"no round succeeded; {first_failure}")
         # Every client scores the final model (and the champion, on the same rows), and
         # optionally how much a local fine-tune of it would gain.
         reports = final_report.map(

@@ -4,10 +4,12 @@ parameters, counts and scalar metrics come back."""
 from __future__ import annotations
 
 from prefect import task
+from prefect.runtime import task_run
 
 from fl import client
-from fl.config import ClientConfig
-from fl.data import ClientRef
+from fl.config import ClientConfig, FaultsConfig
+from fl.data import ClientDataError, ClientRef
+from fl.faults import inject
 from fl.params import ClientUpdate, FeatureStats, ModelParams
 from fl.statistics import StatsReport
 from tasks import TASK_OPTIONS
@@ -18,14 +20,33 @@ def client_statistics(ref: ClientRef, chunk_size: int) -> StatsReport:
     return client.feature_moments(ref, chunk_size)
 
 
-@task(name="train-client", task_run_name="train-r{round_num:02d}-{ref.client_id}", **TASK_OPTIONS)
+def _transient(task, task_run, state) -> bool:
+    """Retry crashes and timeouts, not data errors: a bad file stays bad."""
+    try:
+        state.result()
+    except ClientDataError:
+        return False
+    except Exception:  # noqa: BLE001 -- anything else may be transient
+        return True
+    return False
+
+
+@task(
+    name="train-client",
+    task_run_name="train-r{round_num:02d}-{ref.client_id}",
+    retry_condition_fn=_transient,
+    **TASK_OPTIONS,
+)
 def train_client(
     ref: ClientRef,
     global_params: ModelParams,
     stats: FeatureStats,
     cfg: ClientConfig,
     round_num: int,
+    faults: FaultsConfig | None = None,
 ) -> ClientUpdate:
+    if faults is not None:
+        inject(faults, ref.seed, round_num, ref.client_id, attempt=task_run.get_run_count())
     return client.train(ref, global_params, stats, cfg, round_num)
 
 

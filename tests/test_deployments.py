@@ -408,6 +408,7 @@ def test_train_deployment_runs_on_the_worker_and_tracks_to_mlflow(worker, mlflow
             "field 'config.rounds.num_rounds'. Failure reason: 'three' is not of type 'integer'",
         ),
     ],
+    ids=["unknown-key", "wrong-type"],
 )
 def test_the_server_refuses_a_run_whose_config_breaks_the_schema(deployed, config, detail):
     from prefect.client.schemas.filters import DeploymentFilter
@@ -462,6 +463,63 @@ def test_a_config_the_flow_rejects_fails_the_run_before_any_round(worker, mlflow
 
         assert client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": ids})) == []
     assert mlflow_store.client.search_runs([mlflow_store.experiment_id]) == []
+
+
+def test_nightly_finetune_promotes_then_finetunes_from_its_champion(worker, mlflow_store, tmp_path):
+    # Two triggered nightly runs (5 rounds each) against one store: the first has no champion
+    # and trains from scratch; the second starts from that champion.
+    nightly = load_config(REPO / CONFIG_FILES["nightly-finetune"])
+    name = nightly.experiment.register_as
+    experiment_id = mlflow_store.client.create_experiment(
+        nightly.experiment.name, artifact_location=str(tmp_path / "nightly-artifacts")
+    )
+    config = deployment_parameters(
+        REPO / CONFIG_FILES["nightly-finetune"], ["rounds.num_rounds=5", "rounds.patience=99"]
+    )["config"]
+
+    def trigger() -> Run:
+        before = {r.info.run_id for r in mlflow_store.client.search_runs([experiment_id])}
+        result = worker.cli(
+            "deployment",
+            "run",
+            f"{FLOW}/nightly-finetune",
+            "--param",
+            f"config={json.dumps(config)}",
+            "--job-variable",
+            f"env={json.dumps({'MLFLOW_TRACKING_URI': mlflow_store.uri})}",
+            "--watch",
+            "--watch-interval",
+            "1",
+            "--watch-timeout",
+            str(int(RUN_TIMEOUT)),
+            check=False,
+        )
+        assert result.returncode == 0, f"{_tail(result)}\n{worker.log_tails()}"
+        [run] = [
+            r
+            for r in mlflow_store.client.search_runs([experiment_id])
+            if r.info.run_id not in before
+        ]
+        return run
+
+    def fed_mse(run: Run, step: int, key: str = "fed_mse") -> float:
+        history = mlflow_store.client.get_metric_history(run.info.run_id, key)
+        return next(m.value for m in history if m.step == step)
+
+    first = trigger()
+    assert first.data.tags["fedtune.promotion"] == "promoted"
+    champion = mlflow_store.client.get_model_version_by_alias(name, "champion")
+    assert champion.run_id == first.info.run_id
+    champion_score = fed_mse(first, 5)
+
+    second = trigger()
+    assert fed_mse(second, 0, "initial_fed_mse") == pytest.approx(champion_score, rel=1e-9)
+    challenger = fed_mse(second, 5)
+    assert challenger <= champion_score
+    promoted = challenger <= champion_score * (1 - nightly.experiment.promote_margin)
+    assert second.data.tags["fedtune.promotion"] == ("promoted" if promoted else "kept-champion")
+    now = mlflow_store.client.get_model_version_by_alias(name, "champion")
+    assert now.run_id == (second.info.run_id if promoted else first.info.run_id)
 
 
 def test_serve_runs_the_same_deployments_without_a_worker(deployed, mlflow_store):

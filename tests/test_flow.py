@@ -66,7 +66,7 @@ def test_mlflow_has_every_round_and_loadable_models(seed_run):
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["rounds.num_rounds"] == "20"
-    per_round = [k for k in result.history[0] if k != "round"]
+    per_round = [k for k in result.history[0] if k not in ("round", "failed_clients")]
     assert {"train_loss", "fed_mse", "fed_r2", "central_mse", "clients_ok"} <= set(per_round)
     for key in per_round:
         steps = sorted(m.step for m in client.get_metric_history(result.run_id, key))
@@ -264,5 +264,5 @@ def test_diverging_clients_never_change_the_global_model(prefect_api, mlflow_uri
             "server.max_update_norm=1000",
         ],
     )
-    with pytest.raises(RoundFailed, match=r"round 1: no client update succeeded .*exceeds"):
+    with pytest.raises(RoundFailed, match=r"no round succeeded; round 1: 0 usable update.*exceeds"):
         federated_training(config)

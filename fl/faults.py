@@ -1,0 +1,29 @@
+"""Injected faults for simulations: crashing, failing and slow clients, seeded so that a run
+with faults is reproducible (and a retry is a fresh draw)."""
+
+from __future__ import annotations
+
+import time
+import zlib
+
+import numpy as np
+
+from fl.config import FaultsConfig
+
+_STREAM_FAULTS = 51
+
+
+class InjectedFault(RuntimeError):
+    """A simulated client failure (transient: worth a retry)."""
+
+
+def inject(faults: FaultsConfig, seed: int, round_num: int, client_id: str, attempt: int = 1):
+    """Raise or delay as ``faults`` says for this client, round and attempt."""
+    if client_id in faults.always_fail:
+        raise InjectedFault(f"client {client_id!r}: configured to always fail")
+    if faults.crash_probability:
+        key = [seed, _STREAM_FAULTS, round_num, zlib.crc32(client_id.encode()), attempt]
+        if np.random.default_rng(np.random.SeedSequence(key)).random() < faults.crash_probability:
+            raise InjectedFault(f"client {client_id!r}: simulated crash (round {round_num})")
+    if faults.slowdown_s and client_id in faults.slow_clients:
+        time.sleep(faults.slowdown_s)
