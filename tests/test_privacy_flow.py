@@ -112,3 +112,25 @@ def test_secure_aggregation_fails_closed_below_threshold(prefect_api, mlflow_uri
     assert result.coef == [0.0] or np.allclose(result.coef, 0.0)
     assert [h["clients_failed"] for h in result.history] == [1, 1]
     assert [h["clients_ok"] for h in result.history] == [0, 0]
+
+
+def test_dp_and_secure_aggregation_compose(prefect_api, mlflow_uri):
+    config = load_config(
+        None,
+        [
+            "data.num_clients=30",
+            "rounds.num_rounds=2",
+            "rounds.fraction=0.5",
+            "privacy.noise_multiplier=0.7",
+            "privacy.secure_aggregation=true",
+            "experiment.log_round_models=false",
+        ],
+    )
+    result = federated_training(config)
+    plain = simulate(config)
+    np.testing.assert_allclose(
+        result.coef, plain.params.to_raw(plain.stats).coef, rtol=0, atol=1e-12
+    )
+    assert result.history[-1]["dp_epsilon"] == pytest.approx(
+        _independent_epsilon(0.5, 0.7, 2, 1e-5), abs=1e-6
+    )
