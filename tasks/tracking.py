@@ -112,7 +112,8 @@ def log_round(
     stats: FeatureStats,
     feature_names: list[str],
 ) -> str | None:
-    """Metrics (``{step: {key: value}}``, non-finite values skipped) in one batch; with
+    """Metrics (``{step: {key: value}}``; non-numeric and non-finite values skipped) in one
+    batch; with
     ``params``, the round's global model as a logged model at ``step=round_num``."""
     from mlflow.entities import Metric
     from mlflow.utils.time import get_current_time_millis
@@ -123,7 +124,7 @@ def log_round(
         Metric(key, float(value), now, step)
         for step, values in metrics.items()
         for key, value in values.items()
-        if value is not None and np.isfinite(value)
+        if isinstance(value, int | float) and np.isfinite(value)
     ]
     if batch:
         _client(uri).log_batch(run_id, metrics=batch)
