@@ -366,16 +366,17 @@ def test_server_schedules_the_nightly_runs_at_two_berlin_time(deployed):
         assert run.parameters == _deployment("nightly-finetune")["parameters"]
 
 
-def test_train_deployment_runs_on_the_worker_and_tracks_to_mlflow(worker, mlflow_store):
-    # The README's trigger, with a run-level MLflow store in place of the checkout's.
+def _run_and_watch(worker: Prefect, deployment: str, config: dict, mlflow_uri: str) -> None:
+    """The README's trigger, with a run-level MLflow store in place of the checkout's; returns
+    once the run has completed."""
     result = worker.cli(
         "deployment",
         "run",
-        f"{FLOW}/train",
+        f"{FLOW}/{deployment}",
         "--param",
-        f"config={json.dumps(_run_config(3)['config'])}",
+        f"config={json.dumps(config)}",
         "--job-variable",
-        f"env={json.dumps({'MLFLOW_TRACKING_URI': mlflow_store.uri})}",
+        f"env={json.dumps({'MLFLOW_TRACKING_URI': mlflow_uri})}",
         "--watch",
         "--watch-interval",
         "1",
@@ -384,6 +385,11 @@ def test_train_deployment_runs_on_the_worker_and_tracks_to_mlflow(worker, mlflow
         check=False,
     )
     assert result.returncode == 0, f"{_tail(result)}\n{worker.log_tails()}"
+
+
+def test_train_deployment_runs_on_the_worker_and_tracks_to_mlflow(worker, mlflow_store):
+    # The README's trigger, with a run-level MLflow store in place of the checkout's.
+    _run_and_watch(worker, "train", _run_config(3)["config"], mlflow_store.uri)
 
     run = _assert_tracked_run(mlflow_store, rounds=3)
     assert run.data.params["experiment.name"] == "fedtune-train"
@@ -479,22 +485,7 @@ def test_nightly_finetune_promotes_then_finetunes_from_its_champion(worker, mlfl
 
     def trigger() -> Run:
         before = {r.info.run_id for r in mlflow_store.client.search_runs([experiment_id])}
-        result = worker.cli(
-            "deployment",
-            "run",
-            f"{FLOW}/nightly-finetune",
-            "--param",
-            f"config={json.dumps(config)}",
-            "--job-variable",
-            f"env={json.dumps({'MLFLOW_TRACKING_URI': mlflow_store.uri})}",
-            "--watch",
-            "--watch-interval",
-            "1",
-            "--watch-timeout",
-            str(int(RUN_TIMEOUT)),
-            check=False,
-        )
-        assert result.returncode == 0, f"{_tail(result)}\n{worker.log_tails()}"
+        _run_and_watch(worker, "nightly-finetune", config, mlflow_store.uri)
         [run] = [
             r
             for r in mlflow_store.client.search_runs([experiment_id])
