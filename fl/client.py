@@ -11,7 +11,7 @@ import numpy as np
 from sklearn.linear_model import SGDRegressor
 
 from fl.config import ClientConfig
-from fl.data import ClientRef, open_client
+from fl.data import ClientDataError, ClientRef, open_client
 from fl.evaluation import EvalSums
 from fl.params import ClientUpdate, FeatureStats, ModelParams
 from fl.statistics import Moments, StatsReport
@@ -49,9 +49,12 @@ def client_random_state(seed: int, round_num: int, client_id: str) -> np.random.
 def feature_moments(ref: ClientRef, chunk_size: int) -> StatsReport:
     """Feature names and per-column moments of the client's training split."""
     data = open_client(ref)
-    return StatsReport(
-        ref.client_id, data.feature_names(), Moments.of(data.chunks("train", chunk_size))
-    )
+    moments = Moments.of(data.chunks("train", chunk_size))
+    if moments.m2[-1] <= 1e-12 * max(1.0, moments.mean[-1] ** 2) * moments.count:
+        raise ClientDataError(
+            ref.client_id, data.where, f"the target is constant ({moments.mean[-1]:.6g})"
+        )
+    return StatsReport(ref.client_id, data.feature_names(), moments)
 
 
 def train(

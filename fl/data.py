@@ -63,24 +63,42 @@ class ClientRef(BaseModel):
 
 
 def registry(data: DataConfig, seed: int) -> list[ClientRef]:
-    """The clients of a data source, in a stable order."""
+    """The clients of a data source, in a stable order. Files whose stems collide are left
+    out (no one can tell which is the client); :func:`duplicate_clients` names them."""
     if data.source != "files":
         return [
             ClientRef(client_id=f"site-{i}", index=i, data=data, seed=seed)
             for i in range(data.num_clients)
         ]
+    duplicates = {cid for cid, _ in duplicate_clients(data)}
+    files = [p for p in _client_files(data) if p.stem not in duplicates]
+    if not files:
+        raise ClientDataError("*", data.path, "no client files with a unique id")
+    return [
+        ClientRef(client_id=p.stem, index=i, data=data, seed=seed, path=str(p))
+        for i, p in enumerate(files)
+    ]
+
+
+def _client_files(data: DataConfig) -> list[Path]:
     directory = Path(data.path)
     files = sorted(p for p in directory.iterdir() if p.suffix.lower() in FILE_SUFFIXES)
     if not files:
         raise ClientDataError("*", str(directory), "no .csv or .parquet files")
-    seen: dict[str, Path] = {}
-    for p in files:
-        if p.stem in seen:
-            raise ClientDataError(p.stem, str(p), f"duplicate client id (also {seen[p.stem].name})")
-        seen[p.stem] = p
+    return files
+
+
+def duplicate_clients(data: DataConfig) -> list[tuple[str, str]]:
+    """``(client_id, reason)`` for every id that more than one file claims."""
+    if data.source != "files":
+        return []
+    by_id: dict[str, list[str]] = {}
+    for p in _client_files(data):
+        by_id.setdefault(p.stem, []).append(p.name)
     return [
-        ClientRef(client_id=p.stem, index=i, data=data, seed=seed, path=str(p))
-        for i, p in enumerate(files)
+        (cid, f"client {cid!r} ({data.path}): duplicate client id: {', '.join(names)}")
+        for cid, names in by_id.items()
+        if len(names) > 1
     ]
 
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 import fl
 from fl.config import FaultsConfig, FLConfig
-from fl.data import ClientDataError, ClientRef, registry
+from fl.data import ClientDataError, ClientRef, duplicate_clients, registry
 from fl.evaluation import EvalSums, named, received_evaluation, train_loss
 from fl.lifecycle import decide_promotion
 from fl.params import ClientUpdate, ModelParams, screen_updates
@@ -174,6 +174,7 @@ def federated_training(config: FLConfig = FLConfig()) -> TrainingResult:  # noqa
         elif config.experiment.init_model:
             init = load_init_model(config)
         reports, excluded = _collect(client_statistics.map(refs, unmapped(chunk)), refs)
+        excluded = duplicate_clients(config.data) + excluded
         reports, mismatched = consistent_reports(reports)
         excluded += mismatched
         for cid, why in excluded:

@@ -9,7 +9,14 @@ import pytest
 
 from fl import client, partition
 from fl.config import ClientConfig, DataConfig, FLConfig
-from fl.data import ClientDataError, ClientRef, open_client, pooled_train, registry
+from fl.data import (
+    ClientDataError,
+    ClientRef,
+    duplicate_clients,
+    open_client,
+    pooled_train,
+    registry,
+)
 from fl.evaluation import EvalSums, ols_baseline, pooled_baseline
 from fl.params import ClientUpdate, FeatureStats, ModelParams, screen_updates, to_pipeline
 from fl.statistics import Moments, StatsReport, combine, combine_reports, consistent_reports
@@ -192,11 +199,24 @@ def test_bad_client_files_get_one_line_errors_naming_client_and_file(tmp_path):
         assert expected[ref.client_id] in msg, msg
 
 
-def test_duplicate_client_ids_are_refused(tmp_path):
-    d = write_client_files(tmp_path / "dup", [10])
+def test_duplicate_client_ids_are_left_out_and_named(tmp_path):
+    d = write_client_files(tmp_path / "dup", [10, 10])
     write_client_files(tmp_path / "dup", [10], kind="parquet")
-    with pytest.raises(ClientDataError, match="duplicate client id"):
-        registry(DataConfig(source="files", path=str(d), target="target"), 0)
+    data = DataConfig(source="files", path=str(d), target="target")
+    assert [r.client_id for r in registry(data, 0)] == ["clinic-1"]
+    [(cid, why)] = duplicate_clients(data)
+    assert cid == "clinic-0" and "clinic-0.csv, clinic-0.parquet" in why
+
+
+def test_a_constant_target_is_a_data_error(tmp_path):
+    d = tmp_path / "flat"
+    d.mkdir()
+    (d / "flat.csv").write_text("a,y\n1,5\n2,5\n3,5\n4,5\n")
+    [ref] = registry(DataConfig(source="files", path=str(d), target="y", test_fraction=0.0), 0)
+    with pytest.raises(
+        ClientDataError, match=r"client 'flat' .*flat.csv\): the target is constant"
+    ):
+        client.feature_moments(ref, 10)
 
 
 def test_client_ref_holds_no_rows():

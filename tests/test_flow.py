@@ -230,10 +230,25 @@ def test_early_stopping_keeps_the_last_scored_model_and_matches_the_plain_loop(
 
 def test_bad_clients_are_excluded_and_the_good_ones_train(prefect_api, mlflow_uri, tmp_path):
     directory = write_client_files(tmp_path / "mixed", [120, 200, 80], seed=3)
-    (directory / "broken-text.csv").write_text("income,ratio,age,target\n1,2,3,4\n5,x,7,8\n")
-    (directory / "broken-nan.csv").write_text("income,ratio,age,target\n1,2,3,4\n5,,7,8\n")
-    (directory / "broken-schema.csv").write_text("income,ratio,target\n1,2,4\n5,6,8\n")
-    (directory / "broken-empty.csv").write_text("")
+    header = "income,ratio,age,target\n"
+    broken = {
+        "broken-text": header + "1,2,3,4\n5,x,7,8\n",
+        "broken-nan": header + "1,2,3,4\n5,,7,8\n",
+        "broken-inf": header + "1,2,3,4\n5,inf,7,8\n",
+        "broken-schema": "income,ratio,target\n" + "".join(f"{i},{i % 3},{i}\n" for i in range(20)),
+        "broken-notarget": "income,ratio,age\n1,2,3\n",
+        "broken-constant": header + "1,2,3,4\n5,6,7,4\n9,1,2,4\n",
+        "broken-empty": "",
+    }
+    for name, text in broken.items():
+        (directory / f"{name}.csv").write_text(text)
+    pd.DataFrame({"income": [1.0] * 50, "target": [2.0] * 50}).to_parquet(
+        directory / "broken-truncated.parquet"
+    )
+    data = (directory / "broken-truncated.parquet").read_bytes()
+    (directory / "broken-truncated.parquet").write_bytes(data[: len(data) // 2])
+    shutil.copy(directory / "clinic-0.csv", directory / "twin.csv")
+    pd.read_csv(directory / "clinic-0.csv").to_parquet(directory / "twin.parquet")
     overrides = ["data.source=files", "data.target=target", "rounds.num_rounds=10"]
     result = federated_training(load_config(None, [*overrides, f"data.path='{directory}'"]))
 
@@ -241,9 +256,21 @@ def test_bad_clients_are_excluded_and_the_good_ones_train(prefect_api, mlflow_ur
         Path(MlflowClient(mlflow_uri).download_artifacts(result.run_id, "summary.json")).read_text()
     )
     excluded = summary["excluded_clients"]
-    assert set(excluded) == {"broken-text", "broken-nan", "broken-schema", "broken-empty"}
-    assert "column 'ratio' row 1" in excluded["broken-text"]
-    assert "differ" in excluded["broken-schema"]
+    assert set(excluded) == {*broken, "broken-truncated", "twin"}
+    expected = {
+        "broken-text": "column 'ratio' row 1: non-numeric value 'x'",
+        "broken-nan": "column 'ratio' row 1",
+        "broken-inf": "column 'ratio' row 1: inf",
+        "broken-schema": "differ",
+        "broken-notarget": "missing target column 'target'",
+        "broken-constant": "the target is constant",
+        "broken-empty": "empty file",
+        "broken-truncated": "unreadable",
+        "twin": "duplicate client id: twin.csv, twin.parquet",
+    }
+    for cid, why in expected.items():
+        assert why in excluded[cid], (cid, excluded[cid])
+        assert "\n" not in excluded[cid]
     assert all(h["clients_ok"] == 3 for h in result.history)
 
     good = tmp_path / "good"
