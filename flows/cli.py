@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--output", "-o", metavar="FILE.json", help="write the run summary as JSON")
     run.add_argument(
+        "--resume",
+        metavar="RUN_ID",
+        help="continue this MLflow run from its last completed round, with its own configuration",
+    )
+    run.add_argument(
         "--verbose", "-v", action="store_true", help="also show Prefect's per-task log lines"
     )
     audit = sub.add_parser(
@@ -116,7 +121,20 @@ def main(argv: list[str] | None = None) -> int:
     from fl.strategies import make_strategy
 
     try:
-        config = load_config(args.config, args.overrides)
+        if getattr(args, "resume", None):
+            if args.config or args.overrides:
+                raise ConfigError(
+                    "--resume: the run keeps its own configuration; drop --config/--set"
+                )
+            from tasks.tracking import DEFAULT_TRACKING_URI, load_run_config
+
+            uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+            try:
+                config = load_run_config(uri, args.resume)
+            except Exception as exc:  # noqa: BLE001 -- one line naming the run
+                raise ConfigError(f"--resume {args.resume}: {exc}") from None
+        else:
+            config = load_config(args.config, args.overrides)
         num_clients = len(registry(config.data, config.experiment.seed))
         clients_per_round(config.rounds, num_clients)
         make_strategy(config, plan_privacy(config, num_clients))
@@ -133,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
     try:
-        result = federated_training(config)
+        result = federated_training(config, resume_run_id=getattr(args, "resume", None))
     except (ClientDataError, RoundFailed) as exc:
         return _fail("training failed", str(exc), 1)
     terms = " + ".join(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 from prefect import flow, get_run_logger, unmapped
 from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
@@ -46,6 +47,7 @@ from tasks.server import (
 from tasks.tracking import (
     end_run,
     load_champion,
+    load_checkpoint,
     load_init_model,
     log_final,
     log_round,
@@ -119,8 +121,14 @@ def _collect(futures: list[PrefectFuture], refs: list[ClientRef], timeout: float
     task_runner=default_task_runner(),
     log_prints=False,
 )
-def federated_training(config: FLConfig = FLConfig()) -> TrainingResult:  # noqa: B008
+def federated_training(
+    config: FLConfig = FLConfig(),  # noqa: B008
+    resume_run_id: str | None = None,
+) -> TrainingResult:
     """Train one model across the clients of ``config.data`` with federated averaging.
+
+    With ``resume_run_id``, continue that MLflow run from its last completed round (its
+    checkpoint); the result equals an uninterrupted run's.
 
     Round ``r`` trains ``w_r`` from ``w_{r-1}``; the clients of round ``r + 1`` score ``w_r`` on
     their local test splits before training from it (one model broadcast per round, not two),
@@ -131,23 +139,32 @@ def federated_training(config: FLConfig = FLConfig()) -> TrainingResult:  # noqa
     seed, chunk, total = config.experiment.seed, config.client.chunk_size, config.rounds.num_rounds
     refs = registry(config.data, seed)
     k = clients_per_round(config.rounds, len(refs))
-    run_id = start_run(config, tags=_run_tags(config))
+    run_id = resume_run_id or start_run(config, tags=_run_tags(config))
     logs: list[PrefectFuture] = []
     pending: dict[int, dict[str, float]] = {}
 
-    def log(step: int, metrics: dict[str, float], params: ModelParams | None = None) -> None:
+    def log(
+        step: int,
+        metrics: dict[str, float],
+        params: ModelParams | None = None,
+        checkpoint: dict[str, Any] | None = None,
+    ) -> None:
         """Queue ``metrics`` at ``step``; with ``params``, send the queue with the round's
-        model (one MLflow batch per round)."""
+        model and checkpoint (one MLflow batch per round)."""
         pending.setdefault(step, {}).update(metrics)
         if params is not None:
-            send(step, params)
+            send(step, params, checkpoint)
 
-    def send(step: int, params: ModelParams | None) -> None:
+    def send(
+        step: int, params: ModelParams | None, checkpoint: dict[str, Any] | None = None
+    ) -> None:
         # Logging overlaps the next round; chaining keeps MLflow writes in order.
         batch = dict(pending)
         pending.clear()
         logs.append(
-            log_round.submit(config, run_id, step, batch, params, stats, names, wait_for=logs[-1:])
+            log_round.submit(
+                config, run_id, step, batch, params, stats, names, checkpoint, wait_for=logs[-1:]
+            )
         )
 
     def scored(entry: dict[str, Any], fed: dict[str, float]) -> None:
@@ -191,7 +208,7 @@ def federated_training(config: FLConfig = FLConfig()) -> TrainingResult:  # noqa
         plan = plan_privacy(config, len(refs))
         strategy = make_strategy(config, plan)
         accountant = privacy_accountant(plan)
-        if plan is not None:
+        if plan is not None and resume_run_id is None:
             log(
                 0,
                 {
@@ -216,7 +233,17 @@ def federated_training(config: FLConfig = FLConfig()) -> TrainingResult:  # noqa
             timeout = config.rounds.round_timeout_s
             return None if timeout is None else timeout - (time.perf_counter() - started)
 
-        for r in range(1, total + 1):
+        start_round = 1
+        if resume_run_id is not None:
+            checkpoint, history = load_checkpoint(config, run_id)
+            start_round = checkpoint["round"] + 1
+            params = ModelParams.from_vector(np.asarray(checkpoint["params"], dtype=np.float64))
+            state = checkpoint["state"]
+            stopper.best_, stopper.stale_ = checkpoint["stopper"]
+            if accountant is not None:
+                accountant.rounds_ = checkpoint["accountant_rounds"]
+            logger.info("resuming run %s after round %d", run_id, checkpoint["round"])
+        for r in range(start_round, total + 1):
             if budget_exhausted(accountant, config.privacy.target_epsilon):
                 logger.info("privacy budget: round %d would exceed target_epsilon; stopping", r)
                 break
@@ -292,7 +319,15 @@ def federated_training(config: FLConfig = FLConfig()) -> TrainingResult:  # noqa
                 }
             )
             history.append(entry)
-            log(r, {k: v for k, v in entry.items() if k not in ("round", "failed_clients")}, params)
+            checkpoint = {
+                "round": r,
+                "params": params.to_vector().tolist(),
+                "state": state,
+                "stopper": [stopper.best_, stopper.stale_],
+                "accountant_rounds": 0 if accountant is None else accountant.rounds_,
+            }
+            metrics = {k: v for k, v in entry.items() if k not in ("round", "failed_clients")}
+            log(r, metrics, params, checkpoint)
         if all(h.get("round_failed") for h in history) and first_failure:
             raise RoundFailed(f"no round succeeded; {first_failure}")
         # Every client scores the final model (and the champion, on the same rows), and

@@ -111,14 +111,22 @@ def log_round(
     params: ModelParams | None,
     stats: FeatureStats,
     feature_names: list[str],
+    checkpoint: dict[str, Any] | None = None,
 ) -> str | None:
-    """Metrics (``{step: {key: value}}``; non-numeric and non-finite values skipped) in one
-    batch; with
-    ``params``, the round's global model as a logged model at ``step=round_num``."""
-    from mlflow.entities import Metric
+    """With ``params``, the round's global model as a logged model at ``step=round_num``; then
+    the metrics (``{step: {key: value}}``; non-numeric and non-finite values skipped) and the
+    round's checkpoint in one batch, which the store commits whole: a round's metrics and its
+    checkpoint land together or not at all, so a resumed run logs no round twice."""
+    from mlflow.entities import Metric, RunTag
     from mlflow.utils.time import get_current_time_millis
 
     uri = tracking_uri(config)
+    model_uri = None
+    if params is not None and config.experiment.log_round_models:
+        pipe = _pipeline(params, stats, config, feature_names)
+        model_uri = _log_model(
+            uri, run_id, pipe, f"round-{round_num:03d}", round_num, feature_names
+        )
     now = get_current_time_millis()
     batch = [
         Metric(key, float(value), now, step)
@@ -126,12 +134,45 @@ def log_round(
         for key, value in values.items()
         if isinstance(value, int | float) and np.isfinite(value)
     ]
-    if batch:
-        _client(uri).log_batch(run_id, metrics=batch)
-    if params is None or not config.experiment.log_round_models:
-        return None
-    pipe = _pipeline(params, stats, config, feature_names)
-    return _log_model(uri, run_id, pipe, f"round-{round_num:03d}", round_num, feature_names)
+    tags = [] if checkpoint is None else [RunTag(CHECKPOINT_TAG, json.dumps(checkpoint))]
+    if batch or tags:
+        _client(uri).log_batch(run_id, metrics=batch, tags=tags)
+    return model_uri
+
+
+CHECKPOINT_TAG = "fedtune.checkpoint"
+
+
+@task(name="load-checkpoint", **TASK_OPTIONS)
+def load_checkpoint(config: FLConfig, run_id: str) -> tuple[dict[str, Any], list[dict]]:
+    """The last completed round's checkpoint of ``run_id`` and the per-round history its
+    metrics hold; the run is marked running again."""
+    client = _client(tracking_uri(config))
+    run = client.get_run(run_id)
+    raw = run.data.tags.get(CHECKPOINT_TAG)
+    if raw is None:
+        raise ValueError(f"--resume {run_id}: the run has no completed round to resume from")
+    checkpoint = json.loads(raw)
+    history: dict[int, dict[str, Any]] = {
+        r: {"round": r} for r in range(1, checkpoint["round"] + 1)
+    }
+    for key in run.data.metrics:
+        for m in client.get_metric_history(run_id, key):
+            if m.step in history:
+                history[m.step][key] = m.value
+    client.update_run(run_id, status="RUNNING")
+    return checkpoint, [history[r] for r in sorted(history)]
+
+
+def load_run_config(uri: str, run_id: str) -> FLConfig:
+    """The exact configuration a fedtune run started with (its ``config.json``)."""
+    import mlflow.artifacts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="config.json", dst_path=tmp, tracking_uri=uri
+        )
+        return FLConfig.model_validate(json.loads(Path(path).read_text()))
 
 
 def _convergence_figure(history: list[dict[str, Any]], baseline: float | None):

@@ -57,14 +57,14 @@ def test_stragglers_past_the_round_deadline_are_left_out(prefect_api, mlflow_uri
         [
             *QUIET,
             "rounds.num_rounds=2",
-            "rounds.round_timeout_s=1.5",
+            "rounds.round_timeout_s=3",
             "faults.slow_clients=['site-3']",
-            "faults.slowdown_s=3.0",
+            "faults.slowdown_s=6.0",
         ],
     )
     result = federated_training.with_options(task_runner=ThreadPoolTaskRunner(max_workers=4))(
         config
     )
     for h in result.history:
-        assert h["clients_timed_out"] == 1 and h["clients_ok"] == 9
+        assert h["clients_timed_out"] == 1 and h["clients_ok"] == 9, result.history
         assert h["failed_clients"].startswith("site-3: timed out")
