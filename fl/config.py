@@ -158,6 +158,8 @@ class FaultsConfig(_Section):
     """Each client update crashes with this probability (per round and attempt)."""
     always_fail: tuple[str, ...] = ()
     """Client ids whose every update fails."""
+    nan_clients: tuple[str, ...] = ()
+    """Client ids that send NaN coefficients (the server must never average them in)."""
     slow_clients: tuple[str, ...] = ()
     slowdown_s: float = Field(0.0, ge=0)
     """Extra seconds each update of a ``slow_clients`` client takes."""

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import time
 import zlib
+from dataclasses import replace
 
 import numpy as np
 
 from fl.config import FaultsConfig
+from fl.params import ClientUpdate, ModelParams
 
 _STREAM_FAULTS = 51
 
@@ -27,3 +29,11 @@ def inject(faults: FaultsConfig, seed: int, round_num: int, client_id: str, atte
             raise InjectedFault(f"client {client_id!r}: simulated crash (round {round_num})")
     if faults.slowdown_s and client_id in faults.slow_clients:
         time.sleep(faults.slowdown_s)
+
+
+def corrupt(faults: FaultsConfig, update: ClientUpdate) -> ClientUpdate:
+    """The update a ``nan_clients`` client sends: its coefficients replaced by NaN."""
+    if update.client_id not in faults.nan_clients:
+        return update
+    nan = ModelParams(np.full_like(update.params.coef, np.nan), float("nan"))
+    return replace(update, params=nan)

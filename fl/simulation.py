@@ -26,7 +26,7 @@ from fl.evaluation import (
     received_evaluation,
     train_loss,
 )
-from fl.faults import InjectedFault, inject
+from fl.faults import InjectedFault, corrupt, inject
 from fl.params import FeatureStats, ModelParams, screen_updates
 from fl.privacy import (
     budget_exhausted,
@@ -70,7 +70,9 @@ def simulate(config: FLConfig) -> SimulationResult:
         for ref in sampled:
             try:
                 inject(config.faults, seed, r, ref.client_id)
-                trained.append(client.train(ref, params, stats, config.client, r))
+                trained.append(
+                    corrupt(config.faults, client.train(ref, params, stats, config.client, r))
+                )
             except InjectedFault:
                 continue
         updates, _ = screen_updates(trained, params, config.server.max_update_norm)

@@ -9,7 +9,7 @@ from prefect.runtime import task_run
 from fl import client
 from fl.config import ClientConfig, FaultsConfig
 from fl.data import ClientDataError, ClientRef
-from fl.faults import inject
+from fl.faults import corrupt, inject
 from fl.params import ClientUpdate, FeatureStats, ModelParams
 from fl.statistics import StatsReport
 from tasks import TASK_OPTIONS
@@ -45,9 +45,10 @@ def train_client(
     round_num: int,
     faults: FaultsConfig | None = None,
 ) -> ClientUpdate:
-    if faults is not None:
-        inject(faults, ref.seed, round_num, ref.client_id, attempt=task_run.get_run_count())
-    return client.train(ref, global_params, stats, cfg, round_num)
+    if faults is None:
+        return client.train(ref, global_params, stats, cfg, round_num)
+    inject(faults, ref.seed, round_num, ref.client_id, attempt=task_run.get_run_count())
+    return corrupt(faults, client.train(ref, global_params, stats, cfg, round_num))
 
 
 @task(name="final-report", task_run_name="final-{ref.client_id}", **TASK_OPTIONS)

@@ -68,3 +68,22 @@ def test_stragglers_past_the_round_deadline_are_left_out(prefect_api, mlflow_uri
     for h in result.history:
         assert h["clients_timed_out"] == 1 and h["clients_ok"] == 9, result.history
         assert h["failed_clients"].startswith("site-3: timed out")
+
+
+def test_a_client_sending_nan_never_changes_the_global_model(prefect_api, mlflow_uri):
+    base = [*QUIET, "rounds.num_rounds=4"]
+    poisoned = federated_training(load_config(SEED, [*base, "faults.nan_clients=['site-2']"]))
+    without = federated_training(load_config(SEED, [*base, "faults.always_fail=['site-2']"]))
+    assert poisoned.coef == without.coef and poisoned.intercept == without.intercept
+    assert all("site-2: non-finite parameters" in h["failed_clients"] for h in poisoned.history)
+
+
+def test_data_errors_are_not_retried_but_crashes_are():
+    from prefect.states import Failed
+
+    from fl.data import ClientDataError
+    from fl.faults import InjectedFault
+    from tasks.client import _transient
+
+    assert _transient(None, None, Failed(data=InjectedFault("crash"))) is True
+    assert _transient(None, None, Failed(data=ClientDataError("c", "f", "bad"))) is False
