@@ -16,6 +16,9 @@ def _quiet_temporary_server() -> None:
     if not os.environ.get("PREFECT_API_URL"):
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
+        # The first start in a new PREFECT_HOME migrates its database; on a busy two-core
+        # machine that can outlast Prefect's default 20 s wait.
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def _parser() -> argparse.ArgumentParser:

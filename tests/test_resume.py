@@ -63,7 +63,10 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
         else:
             raise AssertionError("no round was checkpointed in time")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it had already exited (the assertion above says why)
+            pass
         proc.wait()
     run_id, killed_after = seen
     assert killed_after < ROUNDS
