@@ -15,6 +15,7 @@ from fl.config import FLConfig
 from fl.data import ClientRef
 from fl.params import FeatureStats, MaskedUpdate, ModelParams
 from fl.secagg import FixedPoint, SecAggAbort, SecAggServer
+from flows.outcomes import collect
 from tasks.secure_aggregation import (
     advertise_keys,
     expire,
@@ -26,13 +27,8 @@ from tasks.secure_aggregation import (
 
 def _outcomes(futures, refs: list[ClientRef], failures: list[tuple[str, str]]) -> dict:
     """``{client index: result}`` of the clients that answered; the rest join ``failures``."""
-    answered = {}
-    for ref, future in zip(refs, futures, strict=True):
-        outcome = future.result(raise_on_failure=False)
-        if isinstance(outcome, BaseException):
-            failures.append((ref.client_id, f"{type(outcome).__name__}: {outcome}"))
-        else:
-            answered[ref.index] = outcome
+    answered, failed = collect(futures, refs)
+    failures += failed
     return answered
 
 

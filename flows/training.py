@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 from prefect import flow, get_run_logger, unmapped
-from prefect.futures import PrefectFuture, wait
+from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
@@ -19,10 +19,10 @@ from pydantic import BaseModel
 
 import fl
 from fl.config import FaultsConfig, FLConfig
-from fl.data import ClientDataError, ClientRef, duplicate_clients, registry
+from fl.data import duplicate_clients, registry
 from fl.evaluation import EvalSums, named, received_evaluation, train_loss
 from fl.lifecycle import decide_promotion
-from fl.params import ClientUpdate, ModelParams, screen_updates
+from fl.params import ModelParams, screen_updates
 from fl.privacy import (
     budget_exhausted,
     plan_privacy,
@@ -34,6 +34,7 @@ from fl.rounds import EarlyStopping, clients_per_round
 from fl.secagg import SecAggAbort
 from fl.statistics import consistent_reports
 from fl.strategies import make_strategy
+from flows.outcomes import collect
 from flows.reporting import personalization_metrics, publish_summary
 from flows.secure_aggregation import secure_round
 from tasks.client import client_statistics, final_report, train_client
@@ -91,28 +92,6 @@ class TrainingResult(BaseModel):
 
 class RoundFailed(RuntimeError):
     """A round could not produce a new global model; the previous one stands."""
-
-
-def _collect(futures: list[PrefectFuture], refs: list[ClientRef], timeout: float | None = None):
-    """Split client tasks into updates and ``(client_id, reason)`` failures. Tasks still
-    running after ``timeout`` seconds are left out (and keep running: a thread cannot be
-    interrupted, so the deadline is enforced here, not by the task)."""
-    updates: list[ClientUpdate] = []
-    failures: list[tuple[str, str]] = []
-    if timeout is not None:
-        wait(futures, timeout=max(0.0, timeout))
-    for ref, future in zip(refs, futures, strict=True):
-        if timeout is not None and not future.state.is_final():
-            failures.append((ref.client_id, f"timed out after {timeout:.3g} s"))
-            continue
-        outcome = future.result(raise_on_failure=False)
-        if isinstance(outcome, ClientDataError):
-            failures.append((ref.client_id, str(outcome)))
-        elif isinstance(outcome, BaseException):
-            failures.append((ref.client_id, f"{type(outcome).__name__}: {outcome}"))
-        else:
-            updates.append(outcome)
-    return updates, failures
 
 
 @flow(
@@ -190,7 +169,8 @@ def federated_training(
             )
         elif config.experiment.init_model:
             init = load_init_model(config)
-        reports, excluded = _collect(client_statistics.map(refs, unmapped(chunk)), refs)
+        answered, excluded = collect(client_statistics.map(refs, unmapped(chunk)), refs)
+        reports = list(answered.values())
         excluded = duplicate_clients(config.data) + excluded
         reports, mismatched = consistent_reports(reports)
         excluded += mismatched
@@ -257,7 +237,7 @@ def federated_training(
                         sampled, params, stats, config, clip, r
                     )
                 else:
-                    updates, failures = _collect(
+                    answered, failures = collect(
                         trainer.map(
                             [quote(ref) for ref in sampled],
                             unmapped(quote(params)),
@@ -269,6 +249,7 @@ def federated_training(
                         sampled,
                         deadline(started),
                     )
+                    updates = list(answered.values())
             except SecAggAbort as exc:
                 # Fail closed: nothing is aggregated, the global model stays as it was.
                 logger.warning("round %d: secure aggregation aborted, model unchanged: %s", r, exc)

@@ -41,6 +41,12 @@ def _client(uri: str):
     return MlflowClient(uri)
 
 
+@functools.lru_cache(maxsize=64)
+def _experiment_of(uri: str, run_id: str) -> str:
+    """A run's experiment id; asked once per run, not once per logged model."""
+    return _client(uri).get_run(run_id).info.experiment_id
+
+
 @functools.cache
 def _pip_requirements() -> tuple[str, ...]:
     """Pinned so that logging a model never runs requirement inference (seconds per call)."""
@@ -85,7 +91,7 @@ def _log_model(uri: str, run_id: str, pipe, name: str, step: int, names: list[st
     # file the model under the global active experiment rather than the run's. Create the
     # logged model in the run's experiment ourselves and hand log_model its id.
     mlflow.set_tracking_uri(uri)
-    experiment_id = client.get_run(run_id).info.experiment_id
+    experiment_id = _experiment_of(uri, run_id)
     model = client.create_logged_model(experiment_id, name=name, source_run_id=run_id)
     example = pd.DataFrame(np.zeros((1, len(names))), columns=names)
     signature = infer_signature(example, np.zeros(1))
