@@ -145,6 +145,10 @@ class PrivacyConfig(_Section):
     secure_aggregation: bool = False
     secagg_threshold: float = Field(0.6, gt=0.5, le=1)
     """Fraction of a round's clients whose shares are needed to unmask the sum."""
+    secagg_keys: Literal["run", "round"] = "run"
+    """"run": each client's key pair is made once per run, then two exchanges per round;
+    "round": Bonawitz et al.'s protocol with fresh keys every round, four exchanges per round,
+    which also recovers a round in which clients drop at both steps."""
 
     @property
     def dp(self) -> bool:

@@ -9,6 +9,7 @@ back in, so users only ever see models and coefficients in raw units.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from sklearn.linear_model import SGDRegressor
@@ -143,7 +144,9 @@ class MaskedUpdate:
     plus the same scalars as a :class:`ClientUpdate`."""
 
     client_id: str
-    masked: np.ndarray
+    masked: Any
+    """The masked vector (``privacy.secagg_keys = "round"``), or a
+    :class:`fl.secagg_run.MaskedInput` that carries it with the client's encrypted shares."""
     num_examples: int
     metrics: dict[str, float]
     evaluation: EvalSums | None = None

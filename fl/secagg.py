@@ -33,6 +33,7 @@ the group Z_(2^64).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
 from collections.abc import Callable, Mapping, Sequence
@@ -153,9 +154,17 @@ class FixedPoint:
 # Primitives: PRG, key derivation, Shamir sharing
 
 
+SHAKE_MAX_SIZE = 512
+"""Masks of up to this many values come from SHAKE-128, longer ones from AES-256-CTR: SHAKE
+starts up four times faster, AES-CTR streams three times faster."""
+
+
 def prg(seed: bytes, size: int) -> np.ndarray:
-    """``size`` pseudorandom uint64s: the AES-256-CTR keystream under ``seed``. Each seed is
-    used for one mask only, so a fixed nonce is safe."""
+    """``size`` pseudorandom uint64s expanded from the 32-byte ``seed``: the SHAKE-128 output
+    (``size <= SHAKE_MAX_SIZE``) or the AES-256-CTR keystream. Each seed is used for one mask
+    only, so a fixed nonce is safe."""
+    if size <= SHAKE_MAX_SIZE:
+        return np.frombuffer(hashlib.shake_128(seed).digest(8 * size), dtype=np.uint64)
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
     return np.frombuffer(encryptor.update(bytes(8 * size)), dtype=np.uint64)
 

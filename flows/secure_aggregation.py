@@ -1,11 +1,17 @@
-"""One round of secure aggregation, as the server runs it: four exchanges with the sampled
-clients (keys, shares, masked updates, unmasking), after which the server holds the *sum* of
-their clipped updates and nothing about any one of them (Bonawitz et al., 2017)."""
+"""Secure aggregation as the server runs it: after each round the server holds the *sum* of
+the surviving clients' clipped updates and nothing about any one of them.
+
+``privacy.secagg_keys = "run"`` (default, :class:`RunKeys`): one key-setup exchange with every
+client when the run starts, then two exchanges per round (masked updates, unmasking).
+``"round"`` (:class:`RoundKeys`, Bonawitz et al., 2017): four exchanges every round (keys,
+shares, masked updates, unmasking), which recovers from dropouts at any step.
+"""
 
 from __future__ import annotations
 
 import math
 import uuid
+from typing import Protocol
 
 import numpy as np
 from prefect import unmapped
@@ -15,14 +21,138 @@ from fl.config import FLConfig
 from fl.data import ClientRef
 from fl.params import FeatureStats, MaskedUpdate, ModelParams
 from fl.secagg import FixedPoint, SecAggAbort, SecAggServer
+from fl.secagg_run import RunKeysServer, unmasking_committee
 from flows.outcomes import collect
 from tasks.secure_aggregation import (
     advertise_keys,
     expire,
+    make_run_keys,
+    run_unmasking,
     share_keys,
     train_masked,
+    train_run_masked,
     unmasking_shares,
 )
+
+RoundResult = tuple[np.ndarray, list[MaskedUpdate], list[tuple[str, str]]]
+"""The sum of the survivors' contributions, their (masked) updates, and ``(client_id, reason)``
+for every sampled client left out."""
+
+
+class SecureAggregation(Protocol):
+    def round(
+        self,
+        sampled: list[ClientRef],
+        params: ModelParams,
+        stats: FeatureStats,
+        clip_norm: float,
+        round_num: int,
+    ) -> RoundResult:
+        """One round's secure sum. Raises :class:`SecAggAbort` when too few clients remain to
+        unmask: the round then fails closed and the global model stays as it was."""
+
+    def close(self) -> None:
+        """Discard every client secret the protocol left behind."""
+
+
+def open_secure_aggregation(refs: list[ClientRef], config: FLConfig, logger) -> SecureAggregation:
+    """The protocol ``config.privacy.secagg_keys`` names, ready for its first round."""
+    if config.privacy.secagg_keys == "round":
+        return RoundKeys(config)
+    return RunKeys(refs, config, logger)
+
+
+def _threshold(config: FLConfig, n: int, round_num: int) -> int:
+    threshold = max(2, math.ceil(config.privacy.secagg_threshold * n))
+    if n < threshold:
+        raise SecAggAbort(
+            f"round {round_num}: {n} client(s) can take part; secure aggregation needs at "
+            f"least {threshold}"
+        )
+    return threshold
+
+
+class RunKeys:
+    """Keys once per run (:mod:`fl.secagg_run`)."""
+
+    def __init__(self, refs: list[ClientRef], config: FLConfig, logger):
+        self.config = config
+        self.session = uuid.uuid4().hex
+        failures: list[tuple[str, str]] = []
+        self.keys = _outcomes(make_run_keys.map(refs, self.session), refs, failures)
+        for cid, why in failures:
+            logger.warning("client %s: secure-aggregation key setup failed: %s", cid, why)
+
+    def round(self, sampled, params, stats, clip_norm, round_num) -> RoundResult:
+        failures = [
+            (ref.client_id, "took no part in the secure-aggregation key setup")
+            for ref in sampled
+            if ref.index not in self.keys
+        ]
+        cohort = [ref for ref in sampled if ref.index in self.keys]
+        threshold = _threshold(self.config, len(cohort), round_num)
+        codec = FixedPoint(bound=max(clip_norm, 1.0))
+        ids = [ref.index for ref in cohort]
+        by_index = {ref.index: ref for ref in cohort}
+        server = RunKeysServer(round_num, ids, threshold, codec, params.num_features + 2)
+        masked = _outcomes(
+            train_run_masked.map(
+                cohort,
+                self.session,
+                unmapped(quote([self.keys[i] for i in ids])),
+                threshold,
+                unmapped(codec),
+                unmapped(quote(params)),
+                unmapped(quote(stats)),
+                unmapped(quote(self.config.client)),
+                clip_norm,
+                round_num,
+            ),
+            cohort,
+            failures,
+        )
+        survivors, dropped, inboxes = server.collect_masked_inputs(
+            {i: m.masked for i, m in masked.items()}
+        )
+        # Ask a committee first; if some of it fails (and nobody dropped), ask as many more.
+        ask = unmasking_committee(survivors, dropped, threshold, round_num)
+        asked: set[int] = set()
+        responses: dict = {}
+        while ask:
+            asked.update(ask)
+            refs = [by_index[i] for i in ask]
+            responses |= _outcomes(
+                run_unmasking.map(
+                    refs,
+                    self.session,
+                    unmapped(survivors),
+                    unmapped(dropped),
+                    [quote(inboxes[i]) for i in ask],
+                    round_num,
+                ),
+                refs,
+                failures,
+            )
+            missing = 0 if dropped else threshold - len(responses)
+            ask = [i for i in survivors if i not in asked][: max(missing, 0)]
+        total = server.unmask(list(responses.values()))
+        return total, [masked[i] for i in survivors], failures
+
+    def close(self) -> None:
+        expire(self.session)
+
+
+class RoundKeys:
+    """Fresh keys every round (:mod:`fl.secagg`, Bonawitz et al., 2017)."""
+
+    def __init__(self, config: FLConfig):
+        self.config = config
+
+    def round(self, sampled, params, stats, clip_norm, round_num) -> RoundResult:
+        return secure_round(sampled, params, stats, self.config, clip_norm, round_num)
+
+    def close(self) -> None:
+        pass  # each round discards its own keys
 
 
 def _outcomes(futures, refs: list[ClientRef], failures: list[tuple[str, str]]) -> dict:
@@ -39,17 +169,11 @@ def secure_round(
     config: FLConfig,
     clip_norm: float,
     round_num: int,
-) -> tuple[np.ndarray, list[MaskedUpdate], list[tuple[str, str]]]:
-    """The sum of the surviving clients' contributions, their (masked) updates, and the
-    failures. Raises :class:`SecAggAbort` when too few clients remain to unmask: the round
-    then fails closed and the global model stays as it was."""
+) -> RoundResult:
+    """One round of Bonawitz et al.'s protocol with fresh keys (see
+    :meth:`SecureAggregation.round`)."""
     n = len(sampled)
-    threshold = max(2, math.ceil(config.privacy.secagg_threshold * n))
-    if n < threshold:
-        raise SecAggAbort(
-            f"round {round_num}: {n} client(s) sampled; secure aggregation needs at least "
-            f"{threshold}"
-        )
+    threshold = _threshold(config, n, round_num)
     codec = FixedPoint(bound=max(clip_norm, 1.0))
     codec.check_capacity(n)
     server = SecAggServer(threshold, codec, dimension=params.num_features + 2)

@@ -36,7 +36,7 @@ from fl.statistics import consistent_reports
 from fl.strategies import make_strategy
 from flows.outcomes import collect
 from flows.reporting import personalization_metrics, publish_summary
-from flows.secure_aggregation import secure_round
+from flows.secure_aggregation import SecureAggregation, open_secure_aggregation
 from tasks.client import client_statistics, final_report, train_client
 from tasks.server import (
     aggregate,
@@ -121,6 +121,7 @@ def federated_training(
     run_id = resume_run_id or start_run(config, tags=_run_tags(config))
     logs: list[PrefectFuture] = []
     pending: dict[int, dict[str, float]] = {}
+    secure: SecureAggregation | None = None
 
     def log(
         step: int,
@@ -223,6 +224,10 @@ def federated_training(
             if accountant is not None:
                 accountant.rounds_ = checkpoint["accountant_rounds"]
             logger.info("resuming run %s after round %d", run_id, checkpoint["round"])
+        if plan is not None and plan.secure_aggregation:
+            setup_started = time.perf_counter()
+            secure = open_secure_aggregation(refs, config, logger)
+            log(0, {"secagg_setup_seconds": time.perf_counter() - setup_started})
         for r in range(start_round, total + 1):
             if budget_exhausted(accountant, config.privacy.target_epsilon):
                 logger.info("privacy budget: round %d would exceed target_epsilon; stopping", r)
@@ -231,11 +236,9 @@ def federated_training(
             sampled = [refs[i] for i in sample_round(plan, len(refs), k, seed, r)]
             secure_sum = None
             try:
-                if plan is not None and plan.secure_aggregation:
+                if secure is not None:
                     clip = strategy.clip_norm(state)
-                    secure_sum, updates, failures = secure_round(
-                        sampled, params, stats, config, clip, r
-                    )
+                    secure_sum, updates, failures = secure.round(sampled, params, stats, clip, r)
                 else:
                     answered, failures = collect(
                         trainer.map(
@@ -368,6 +371,9 @@ def federated_training(
     except BaseException:
         end_run(config, run_id, "FAILED")
         raise
+    finally:
+        if secure is not None:
+            secure.close()
     return TrainingResult(
         run_id=run_id,
         model_uri=model_uri,

@@ -1,7 +1,12 @@
-"""Client tasks of secure aggregation (Bonawitz et al., 2017), one per protocol round.
+"""Client tasks of secure aggregation, one per exchange with the server.
+
+Two protocols (``privacy.secagg_keys``): ``"run"`` (:mod:`fl.secagg_run`) makes each client's key
+pair once per run, then masks and unmasks in two exchanges per round; ``"round"``
+(:mod:`fl.secagg`, Bonawitz et al., 2017) makes fresh keys and shares every round, in four.
 
 A client's secrets live only on the client: in a key store in the client's own process,
-created when it advertises its keys and dropped after it has answered the unmasking request.
+created when it makes its keys and dropped once the run (``"run"``) or the round (``"round"``)
+is over.
 They never appear in task parameters or results. (With Prefect's thread runner every simulated
 client shares this process; a task runner that moves a client's steps between processes turns
 into a dropout, which the protocol tolerates up to its threshold.)
@@ -25,17 +30,21 @@ from fl.secagg import (
     SecAggClient,
     UnmaskingResponse,
 )
+from fl.secagg_run import PublicKey, RunKeysClient, Unmasking
 from tasks import TASK_OPTIONS
 
-_KEYSTORE: dict[tuple[str, str], SecAggClient] = {}
+_KEYSTORE: dict[tuple[str, str], SecAggClient | RunKeysClient] = {}
 _LOCK = threading.Lock()
 
 
-def _party(session: str, ref: ClientRef) -> SecAggClient:
+def _party(session: str, ref: ClientRef) -> SecAggClient | RunKeysClient:
     with _LOCK:
         party = _KEYSTORE.get((session, ref.client_id))
     if party is None:
-        raise RuntimeError(f"client {ref.client_id!r}: no secure-aggregation keys for this round")
+        raise RuntimeError(
+            f"client {ref.client_id!r}: no secure-aggregation keys (it took no part in the key "
+            "setup, or they expired)"
+        )
     return party
 
 
@@ -106,9 +115,61 @@ def unmasking_shares(
             _KEYSTORE.pop((session, ref.client_id), None)
 
 
+# --- keys once per run (fl.secagg_run) -------------------------------------------------------
+
+
+@task(name="secagg-setup", task_run_name="secagg-setup-{ref.client_id}", **TASK_OPTIONS)
+def make_run_keys(ref: ClientRef, session: str) -> PublicKey:
+    party = RunKeysClient(ref.index)  # fresh secrets from the OS, once per run
+    with _LOCK:
+        _KEYSTORE[(session, ref.client_id)] = party
+    return party.public_key()
+
+
+@task(
+    name="train-client-masked",
+    task_run_name="train-r{round_num:02d}-{ref.client_id}",
+    **TASK_OPTIONS,
+)
+def train_run_masked(
+    ref: ClientRef,
+    session: str,
+    roster: list[PublicKey],
+    threshold: int,
+    codec: FixedPoint,
+    global_params: ModelParams,
+    stats: FeatureStats,
+    cfg: ClientConfig,
+    clip_norm: float,
+    round_num: int,
+) -> MaskedUpdate:
+    update = client.train(ref, global_params, stats, cfg, round_num)
+    contribution = client_contribution(global_params, update.params, clip_norm)
+    masked = _party(session, ref).masked_input(contribution, round_num, roster, threshold, codec)
+    return MaskedUpdate(
+        update.client_id, masked, update.num_examples, update.metrics, update.evaluation
+    )
+
+
+@task(
+    name="secagg-unmask",
+    task_run_name="secagg-unmask-r{round_num:02d}-{ref.client_id}",
+    **TASK_OPTIONS,
+)
+def run_unmasking(
+    ref: ClientRef,
+    session: str,
+    survivors: list[int],
+    dropped: list[int],
+    inbox: dict[int, bytes],
+    round_num: int,
+) -> Unmasking:
+    return _party(session, ref).unmasking(round_num, survivors, dropped, inbox)
+
+
 def expire(session: str) -> None:
-    """Drop whatever keys a session left behind (clients that dropped out mid-protocol): a
-    client discards a round's secrets once the round is over, answered or not."""
+    """Drop whatever keys a session left behind: a client discards its secrets once the run
+    (or, for per-round keys, the round) is over, whether it answered or not."""
     with _LOCK:
         for key in [k for k in _KEYSTORE if k[0] == session]:
             del _KEYSTORE[key]

@@ -118,6 +118,8 @@ def _task_runs(flow_run_id: str, expected: set[str], timeout: float = 60.0):
             ):
                 runs += batch
                 offset += len(batch)
+            # Offset pages can overlap while the server is still recording runs.
+            runs = list({r.id: r for r in runs}.values())
             done = {r.name for r in runs if r.state and r.state.is_final()}
             if expected <= done or time.monotonic() > deadline:
                 return runs, client.read_flow_run(flow_run_id)

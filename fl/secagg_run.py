@@ -1,0 +1,474 @@
+"""Secure aggregation with keys agreed once per run: two exchanges with the clients per round.
+
+:mod:`fl.secagg` runs Bonawitz et al. (2017) in full every round: fresh keys, shares of them,
+masked input, unmasking, four exchanges. In a flow, where each exchange is one task per client,
+that costs four times the tasks of a plain round, and O(n^2) key agreements every round. This
+variant moves the key agreement to a one-off setup, in the spirit of multi-round protocols
+such as Flamingo (Ma, Woods, Angel, Polychroniadou and Rabin, 2023, IEEE S&P), and keeps the
+rest of Bonawitz et al.'s design:
+
+* **Setup (once per run).** Each client makes one X25519 key pair and advertises the public
+  key. For every peer ``v`` it meets, client ``u`` derives a long-term pair key
+  ``K_uv = HKDF(X25519(u, v))`` (once; it is cached).
+* **Masked input (round r, cohort S).** ``u`` picks a fresh self-mask seed ``b_u`` and sends
+
+      y_u = x_u + PRG(b_u) + sum_{v in S, v != u} +/-PRG(k_uv^r)
+
+  (``+`` if ``u < v``), where ``k_uv^r`` and a channel key ``e_uv^r`` are the two halves of
+  ``HMAC-SHA512(K_uv, r)``; with it a hash commitment to ``b_u`` and, for each ``v`` in S, a
+  t-of-|S| Shamir share of ``b_u`` encrypted for ``v`` under ``e_uv^r`` (AES-GCM).
+  U = the clients whose message arrived (the survivors), D = S minus U (the dropped).
+* **Unmasking.** A survivor ``v`` asked to unmask gets U, D and the shares addressed to it,
+  and returns its shares of ``b_u`` for every ``u`` in U and the round seeds ``k_vu^r`` it
+  shares with every ``u`` in D: never both for the same client, and only once per round. The
+  server rebuilds the self masks from any t answers (checked against the commitments), removes
+  the pairwise masks that the dropped clients left behind, and decodes the sum of U's vectors.
+  When nobody dropped, t answers are all it needs, so it asks only a committee of t survivors
+  (:func:`unmasking_committee`, rotating from round to round), and more only if some of them
+  fail to answer; when somebody dropped, it asks every survivor.
+
+What the server learns is what Bonawitz et al.'s server learns: the sum over U. A round seed
+``k_uv^r`` masks round ``r`` only (HMAC is a PRF), so revealing it for a dropped client exposes
+nothing of other rounds, and no long-term secret is ever revealed; a dropped client's input,
+should it arrive late, is still hidden by its self mask, whose shares no client releases.
+
+The price of the saved exchanges: a dropped client's pairwise masks are known only to it and to
+each survivor, so they can be removed only if *every* survivor answers the unmasking request.
+A round therefore recovers from clients dropping before the masked input (down to t) or from
+survivors not answering the unmasking request (down to t), but not from both in the same round:
+that round fails closed (:class:`~fl.secagg.SecAggAbort`) and the model stays as it was. Use
+``privacy.secagg_keys = "round"`` (:mod:`fl.secagg`) where that matters more than speed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from fl.secagg import FixedPoint, SecAggAbort, _hkdf, _id_bytes, _share_point, prg
+
+_ROUND_TAG = b"fedtune/secagg/round"
+_U64 = struct.Struct(">Q")
+_IDS = struct.Struct(">QQQ")
+
+
+def _round_secrets(pair_key: bytes, round_num: int) -> tuple[bytes, bytes]:
+    """The pair's mask seed ``k_uv^r`` and share-channel key for round ``round_num``: the two
+    halves of ``HMAC-SHA512(K_uv, round)`` (a PRF, so each half reveals nothing of the other,
+    nor of other rounds)."""
+    digest = hmac.digest(pair_key, _ROUND_TAG + _U64.pack(round_num), "sha512")
+    return digest[:32], digest[32:]
+
+
+def _nonce(sender: int, recipient: int) -> bytes:
+    # One channel key per pair and round, one message each way: the direction is the nonce.
+    return (sender > recipient).to_bytes(12, "big")
+
+
+def _signed_masks(plus: list[bytes], minus: list[bytes], size: int) -> np.ndarray:
+    """``sum PRG(plus) - sum PRG(minus)`` in Z_(2^64), expanding every seed in one go."""
+    total = np.zeros(size, dtype=np.uint64)
+    for seeds, sign in ((plus, 1), (minus, -1)):
+        if seeds:
+            block = np.concatenate([prg(seed, size) for seed in seeds]).reshape(-1, size)
+            part = block.sum(axis=0, dtype=np.uint64)
+            total = total + part if sign > 0 else total - part
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# Shamir sharing of 32-byte seeds, vectorised: 11 limbs of 24 bits, each shared t-of-n over
+# GF(p) with p = 2^25 - 39, so that a share is 11 small integers and sharing a seed with n
+# clients is one int64 matrix product (n x t Vandermonde times t x 11 coefficients; every sum of
+# t products stays below 2^63 while t <= MAX_COHORT). Each limb has its own random polynomial,
+# so t - 1 shares reveal nothing about any limb.
+
+FIELD = 2**25 - 39
+"""The prime of the self-mask seeds' Shamir shares."""
+MAX_COHORT = 2**13
+"""Largest cohort whose shares the int64 arithmetic can handle exactly."""
+_LIMBS = 11
+_SHARE = struct.Struct(f">{_LIMBS}I")
+
+
+def _to_limbs(seed: bytes) -> np.ndarray:
+    b = np.frombuffer(b"\0" + seed, dtype=np.uint8).reshape(_LIMBS, 3).astype(np.int64)
+    return (b[:, 0] << 16) | (b[:, 1] << 8) | b[:, 2]
+
+
+def _from_limbs(limbs: np.ndarray) -> bytes | None:
+    if limbs[0] >= 2**16 or np.any(limbs >= 2**24):
+        return None  # not a 32-byte seed: the shares were wrong
+    return b"".join(int(v).to_bytes(3, "big") for v in limbs)[1:]
+
+
+def _field_elements(count: int) -> np.ndarray:
+    """``count`` uniform elements of GF(FIELD), by rejection from 25 random bits."""
+    out = np.empty(0, dtype=np.int64)
+    while out.size < count:
+        raw = np.frombuffer(secrets.token_bytes(4 * count), dtype=np.uint32) & (2**25 - 1)
+        out = np.concatenate([out, raw[raw < FIELD].astype(np.int64)])
+    return out[:count]
+
+
+def split_seed(seed: bytes, threshold: int, xs: Sequence[int]) -> np.ndarray:
+    """Shares of ``seed``: row ``i`` is the share for the point ``xs[i]`` (nonzero, distinct,
+    below FIELD)."""
+    if not 2 <= threshold <= MAX_COHORT:
+        raise ValueError(f"threshold: must be between 2 and {MAX_COHORT} (got {threshold})")
+    points = np.asarray(xs, dtype=np.int64)
+    coeffs = np.vstack(
+        [_to_limbs(seed), _field_elements((threshold - 1) * _LIMBS).reshape(-1, _LIMBS)]
+    )
+    powers = np.ones((points.size, threshold), dtype=np.int64)
+    for j in range(1, threshold):
+        powers[:, j] = powers[:, j - 1] * points % FIELD
+    return powers @ coeffs % FIELD
+
+
+def _lagrange_at_zero(xs: Sequence[int]) -> np.ndarray:
+    weights = []
+    for i, xi in enumerate(xs):
+        num, den = 1, 1
+        for j, xj in enumerate(xs):
+            if j != i:
+                num = num * xj % FIELD
+                den = den * (xj - xi) % FIELD
+        weights.append(num * pow(den, -1, FIELD) % FIELD)
+    return np.asarray(weights, dtype=np.int64)
+
+
+def rebuild_seeds(shares: np.ndarray, xs: Sequence[int]) -> list[bytes | None]:
+    """The seeds from ``shares[k, i]``, seed ``k``'s share for the point ``xs[i]``, one row of
+    limbs each; ``None`` where the shares rebuild no 32-byte seed."""
+    limbs = np.einsum("i,kil->kl", _lagrange_at_zero(xs), shares) % FIELD
+    return [_from_limbs(row) for row in limbs]
+
+
+def _commit(seed: bytes) -> bytes:
+    return hashlib.sha256(b"fedtune/secagg/self-mask-commitment" + seed).digest()
+
+
+# --------------------------------------------------------------------------------------------
+# Messages
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """Setup, client to server: a client's long-term public key for this run."""
+
+    client_id: int
+    public: bytes
+
+
+@dataclass(frozen=True)
+class MaskedInput:
+    """Round step 1, client to server: the masked vector, a commitment to the self-mask seed,
+    and the seed's shares, each encrypted for the cohort member it names."""
+
+    client_id: int
+    round_num: int
+    masked: np.ndarray
+    commitment: bytes
+    shares: dict[int, bytes]
+
+
+@dataclass(frozen=True)
+class Unmasking:
+    """Round step 2, survivor to server: shares of the survivors' self-mask seeds and the
+    round seeds it shared with the dropped clients."""
+
+    sender: int
+    round_num: int
+    self_mask_shares: dict[int, bytes]
+    pair_seeds: dict[int, bytes]
+
+
+def unmasking_committee(
+    survivors: Sequence[int], dropped: Sequence[int], threshold: int, round_num: int
+) -> list[int]:
+    """The survivors to ask for unmasking first: all of them if anybody dropped (each holds
+    round seeds shared with the dropped clients), else ``threshold`` of them, a window over the
+    sorted survivors that moves on by ``threshold`` every round so the work is shared."""
+    ordered = sorted(survivors)
+    if dropped or threshold >= len(ordered):
+        return ordered
+    start = (round_num * threshold) % len(ordered)
+    return sorted((ordered + ordered)[start : start + threshold])
+
+
+# --------------------------------------------------------------------------------------------
+# Parties
+
+
+@dataclass
+class _Pending:
+    cohort: frozenset[int]
+    threshold: int
+    own_share: bytes
+    peers: dict[int, bytes]  # cohort member -> its public key, as used for the masks
+
+
+class RunKeysClient:
+    """One client's side: a key pair for the run, then :meth:`masked_input` and
+    :meth:`unmasking` once per round it is sampled for.
+
+    Parameters
+    ----------
+    client_id : a distinct integer >= 0; orders the pairwise masks and names the Shamir point.
+    seed : 32 secret bytes from which the key pair derives; default fresh from the OS. Self-mask
+        seeds are always fresh from the OS.
+    """
+
+    def __init__(self, client_id: int, seed: bytes | None = None):
+        if client_id < 0:
+            raise ValueError(f"client_id: must be >= 0 (got {client_id!r})")
+        seed = secrets.token_bytes(32) if seed is None else seed
+        if len(seed) < 32:
+            raise ValueError("seed: needs at least 32 bytes")
+        self.client_id = client_id
+        self._key = X25519PrivateKey.from_private_bytes(_hkdf(seed, b"run-key"))
+        self._public = PublicKey(client_id, self._key.public_key().public_bytes_raw())
+        self._pair_keys: dict[bytes, bytes] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._last_round = 0
+
+    def public_key(self) -> PublicKey:
+        """Setup."""
+        return self._public
+
+    def masked_input(
+        self,
+        x: np.ndarray,
+        round_num: int,
+        roster: Sequence[PublicKey],
+        threshold: int,
+        codec: FixedPoint,
+    ) -> MaskedInput:
+        """Step 1 of round ``round_num``, whose cohort is ``roster`` (this client included)."""
+        me = self.client_id
+        if round_num <= self._last_round:
+            raise SecAggAbort(
+                f"client {me}: round {round_num} is not after round {self._last_round}; "
+                "masks are never reused"
+            )
+        peers = {k.client_id: k.public for k in roster}
+        if len(peers) != len(roster):
+            raise SecAggAbort(f"client {me}: the roster repeats a client id")
+        if peers.get(me) != self._public.public:
+            raise SecAggAbort(f"client {me}: the roster does not hold its own key")
+        if not 2 <= threshold <= len(peers):
+            raise SecAggAbort(
+                f"client {me}: threshold {threshold} must be between 2 and the cohort size "
+                f"{len(peers)}"
+            )
+        self._last_round = round_num
+        self._pending = {}  # a client answers only for its latest round
+        encoded = codec.encode(x)
+        size = encoded.shape[0]
+        self_seed = secrets.token_bytes(32)
+        masked = encoded + prg(self_seed, size)
+        order = sorted(peers)
+        shares = dict(
+            zip(
+                order,
+                split_seed(self_seed, threshold, [_share_point(v) for v in order]),
+                strict=True,
+            )
+        )
+        sealed, plus, minus = {}, [], []
+        for v, public in peers.items():
+            if v == me:
+                continue
+            mask_seed, channel_key = _round_secrets(self._pair_key(v, public), round_num)
+            (plus if me < v else minus).append(mask_seed)
+            sealed[v] = AESGCM(channel_key).encrypt(
+                _nonce(me, v),
+                _SHARE.pack(*shares[v].tolist()),
+                _IDS.pack(round_num, me, v),
+            )
+        masked += _signed_masks(plus, minus, size)
+        self._pending[round_num] = _Pending(
+            frozenset(peers), threshold, _SHARE.pack(*shares[me].tolist()), peers
+        )
+        return MaskedInput(me, round_num, masked, _commit(self_seed), sealed)
+
+    def unmasking(
+        self,
+        round_num: int,
+        survivors: Sequence[int],
+        dropped: Sequence[int],
+        inbox: Mapping[int, bytes],
+    ) -> Unmasking:
+        """Step 2: shares of the survivors' self-mask seeds, round seeds shared with the
+        dropped clients. Answers once per round, and only if ``survivors`` and ``dropped``
+        split the cohort it masked for."""
+        me = self.client_id
+        pending = self._pending.pop(round_num, None)
+        if pending is None:
+            raise SecAggAbort(f"client {me}: no unanswered masked input for round {round_num}")
+        alive, gone = set(survivors), set(dropped)
+        if alive & gone or alive | gone != pending.cohort:
+            raise SecAggAbort(
+                f"client {me}: survivors and dropped clients of round {round_num} do not split "
+                "the cohort it masked for"
+            )
+        if me not in alive:
+            raise SecAggAbort(f"client {me}: not among the survivors it was sent")
+        if len(alive) < pending.threshold:
+            raise SecAggAbort(
+                f"client {me}: {len(alive)} survivors are fewer than the threshold "
+                f"{pending.threshold}"
+            )
+        if set(inbox) != alive - {me}:
+            raise SecAggAbort(f"client {me}: the inbox does not hold one share per survivor")
+        self_mask_shares = {me: pending.own_share}
+        for u, sealed in inbox.items():
+            _, channel_key = _round_secrets(self._pair_key(u, pending.peers[u]), round_num)
+            try:
+                plaintext = AESGCM(channel_key).decrypt(
+                    _nonce(u, me), sealed, _IDS.pack(round_num, u, me)
+                )
+            except InvalidTag:
+                raise SecAggAbort(
+                    f"client {me}: share from client {u} failed authentication"
+                ) from None
+            self_mask_shares[u] = plaintext
+        pair_seeds = {
+            u: _round_secrets(self._pair_key(u, pending.peers[u]), round_num)[0]
+            for u in sorted(gone)
+        }
+        return Unmasking(me, round_num, self_mask_shares, pair_seeds)
+
+    def _pair_key(self, peer: int, public: bytes) -> bytes:
+        pair_key = self._pair_keys.get(public)
+        if pair_key is None:
+            shared = self._key.exchange(X25519PublicKey.from_public_bytes(public))
+            ids = _id_bytes(min(peer, self.client_id), max(peer, self.client_id))
+            pair_key = _hkdf(shared, b"fedtune/secagg/run-pair-key" + ids)
+            self._pair_keys[public] = pair_key
+        return pair_key
+
+
+class RunKeysServer:
+    """The server's side of one round: :meth:`collect_masked_inputs`, then :meth:`unmask`.
+
+    It sees masked vectors, commitments, encrypted shares and, at the end, t shares of each
+    survivor's self-mask seed and the dropped clients' round seeds: the sum over the survivors
+    and nothing about any one of them.
+    """
+
+    def __init__(
+        self,
+        round_num: int,
+        cohort: Sequence[int],
+        threshold: int,
+        codec: FixedPoint,
+        dimension: int,
+    ):
+        self.round_num = round_num
+        self.cohort = sorted(cohort)
+        self.threshold = threshold
+        self.codec = codec
+        self.dimension = dimension
+        self._require(len(self.cohort), "cohort")
+        if len(self.cohort) > MAX_COHORT or _share_point(self.cohort[-1]) >= FIELD:
+            raise ValueError(
+                f"cohort: at most {MAX_COHORT} clients with ids below {FIELD - 1} "
+                f"(got {len(self.cohort)}, largest id {self.cohort[-1]})"
+            )
+        codec.check_capacity(len(self.cohort))
+        self.survivors_: list[int] = []
+        self.dropped_: list[int] = []
+        self._inputs: dict[int, MaskedInput] = {}
+
+    def collect_masked_inputs(
+        self, inputs: Mapping[int, MaskedInput]
+    ) -> tuple[list[int], list[int], dict[int, dict[int, bytes]]]:
+        """The survivors, the dropped clients, and each survivor's inbox of shares."""
+        unknown = inputs.keys() - set(self.cohort)
+        if unknown:
+            raise SecAggAbort(f"masked input: from clients {sorted(unknown)} outside the cohort")
+        self._require(len(inputs), "masked input")
+        for u, m in inputs.items():
+            y = np.asarray(m.masked)
+            if (
+                m.client_id != u
+                or m.round_num != self.round_num
+                or y.dtype != np.uint64
+                or y.shape != (self.dimension,)
+                or set(m.shares) != set(self.cohort) - {u}
+            ):
+                raise SecAggAbort(f"masked input: client {u} sent a malformed message")
+        self._inputs = dict(inputs)
+        self.survivors_ = sorted(inputs)
+        self.dropped_ = sorted(set(self.cohort) - set(inputs))
+        inboxes = {
+            v: {u: self._inputs[u].shares[v] for u in self.survivors_ if u != v}
+            for v in self.survivors_
+        }
+        return list(self.survivors_), list(self.dropped_), inboxes
+
+    def unmask(self, responses: Sequence[Unmasking]) -> np.ndarray:
+        """The decoded float sum of the survivors' vectors."""
+        survivors = set(self.survivors_)
+        answered = {r.sender: r for r in responses if r.sender in survivors}
+        self._require(len(answered), "unmasking")
+        silent = sorted(survivors - answered.keys())
+        if self.dropped_ and silent:
+            raise SecAggAbort(
+                f"unmasking: clients {self.dropped_} dropped before masking and clients "
+                f"{silent} did not answer the unmasking request; the masks they shared cannot "
+                "be removed, so the round is aborted without revealing anything"
+            )
+        for r in answered.values():
+            if (
+                r.round_num != self.round_num
+                or r.self_mask_shares.keys() != survivors
+                or r.pair_seeds.keys() != set(self.dropped_)
+            ):
+                raise SecAggAbort(f"unmasking: client {r.sender} sent the wrong set of shares")
+        responders = sorted(answered)[: self.threshold]
+        try:
+            shares = np.array(
+                [
+                    [_SHARE.unpack(answered[v].self_mask_shares[u]) for v in responders]
+                    for u in self.survivors_
+                ],
+                dtype=np.int64,
+            )
+        except struct.error:
+            raise SecAggAbort("unmasking: a self-mask share is malformed") from None
+        seeds = rebuild_seeds(shares, [_share_point(v) for v in responders])
+        total = np.zeros(self.dimension, dtype=np.uint64)
+        for u, seed in zip(self.survivors_, seeds, strict=True):
+            if seed is None or not hmac.compare_digest(_commit(seed), self._inputs[u].commitment):
+                raise SecAggAbort(
+                    f"unmasking: the shares of client {u}'s self mask do not match its commitment"
+                )
+            total += self._inputs[u].masked - prg(seed, self.dimension)
+        for u in self.dropped_:
+            # Each survivor v added its mask for u; the same round seed, now from v's answer.
+            seeds = [(v, answered[v].pair_seeds[u]) for v in self.survivors_]
+            total -= _signed_masks(
+                [seed for v, seed in seeds if v < u],
+                [seed for v, seed in seeds if v > u],
+                self.dimension,
+            )
+        return self.codec.decode(total)
+
+    def _require(self, count: int, step: str) -> None:
+        if count < self.threshold:
+            raise SecAggAbort(
+                f"{step}: only {count} clients left, below the threshold {self.threshold}; "
+                "aborting without revealing anything"
+            )
