@@ -17,7 +17,7 @@ import numpy as np
 from prefect import unmapped
 from prefect.utilities.annotations import quote
 
-from fl.config import FLConfig
+from fl.config import FaultsConfig, FLConfig
 from fl.data import ClientRef
 from fl.params import FeatureStats, MaskedUpdate, ModelParams
 from fl.secagg import FixedPoint, SecAggAbort, SecAggServer
@@ -62,6 +62,11 @@ def open_secure_aggregation(refs: list[ClientRef], config: FLConfig, logger) -> 
     return RunKeys(refs, config, logger)
 
 
+def _faults(config: FLConfig) -> FaultsConfig | None:
+    """Injected faults, if any: a client that fails while training drops out of the round."""
+    return config.faults if config.faults != FaultsConfig() else None
+
+
 def _threshold(config: FLConfig, n: int, round_num: int) -> int:
     threshold = max(2, math.ceil(config.privacy.secagg_threshold * n))
     if n < threshold:
@@ -77,6 +82,7 @@ class RunKeys:
 
     def __init__(self, refs: list[ClientRef], config: FLConfig, logger):
         self.config = config
+        self.faults = _faults(config)
         self.session = uuid.uuid4().hex
         failures: list[tuple[str, str]] = []
         self.keys = _outcomes(make_run_keys.map(refs, self.session), refs, failures)
@@ -107,6 +113,7 @@ class RunKeys:
                 unmapped(quote(self.config.client)),
                 clip_norm,
                 round_num,
+                unmapped(quote(self.faults)),
             ),
             cohort,
             failures,
@@ -147,9 +154,10 @@ class RoundKeys:
 
     def __init__(self, config: FLConfig):
         self.config = config
+        self.faults = _faults(config)
 
     def round(self, sampled, params, stats, clip_norm, round_num) -> RoundResult:
-        return secure_round(sampled, params, stats, self.config, clip_norm, round_num)
+        return secure_round(sampled, params, stats, self.config, clip_norm, round_num, self.faults)
 
     def close(self) -> None:
         pass  # each round discards its own keys
@@ -169,6 +177,7 @@ def secure_round(
     config: FLConfig,
     clip_norm: float,
     round_num: int,
+    faults: FaultsConfig | None = None,
 ) -> RoundResult:
     """One round of Bonawitz et al.'s protocol with fresh keys (see
     :meth:`SecureAggregation.round`)."""
@@ -201,6 +210,7 @@ def secure_round(
                 unmapped(quote(config.client)),
                 clip_norm,
                 r,
+                unmapped(quote(faults)),
             ),
             cohort,
             failures,

@@ -45,6 +45,18 @@ def train_client(
     round_num: int,
     faults: FaultsConfig | None = None,
 ) -> ClientUpdate:
+    return local_update(ref, global_params, stats, cfg, round_num, faults)
+
+
+def local_update(
+    ref: ClientRef,
+    global_params: ModelParams,
+    stats: FeatureStats,
+    cfg: ClientConfig,
+    round_num: int,
+    faults: FaultsConfig | None,
+) -> ClientUpdate:
+    """A client's training, with the injected ``faults`` (if any) of this round and attempt."""
     if faults is None:
         return client.train(ref, global_params, stats, cfg, round_num)
     inject(faults, ref.seed, round_num, ref.client_id, attempt=task_run.get_run_count())

@@ -18,8 +18,7 @@ import threading
 
 from prefect import task
 
-from fl import client
-from fl.config import ClientConfig
+from fl.config import ClientConfig, FaultsConfig
 from fl.data import ClientRef
 from fl.params import FeatureStats, MaskedUpdate, ModelParams
 from fl.privacy import client_contribution
@@ -32,6 +31,7 @@ from fl.secagg import (
 )
 from fl.secagg_run import PublicKey, RunKeysClient, Unmasking
 from tasks import TASK_OPTIONS
+from tasks.client import local_update
 
 _KEYSTORE: dict[tuple[str, str], SecAggClient | RunKeysClient] = {}
 _LOCK = threading.Lock()
@@ -86,8 +86,9 @@ def train_masked(
     cfg: ClientConfig,
     clip_norm: float,
     round_num: int,
+    faults: FaultsConfig | None = None,
 ) -> MaskedUpdate:
-    update = client.train(ref, global_params, stats, cfg, round_num)
+    update = local_update(ref, global_params, stats, cfg, round_num, faults)
     contribution = client_contribution(global_params, update.params, clip_norm)
     masked = _party(session, ref).masked_input(contribution, roster, inbox)
     return MaskedUpdate(
@@ -142,8 +143,9 @@ def train_run_masked(
     cfg: ClientConfig,
     clip_norm: float,
     round_num: int,
+    faults: FaultsConfig | None = None,
 ) -> MaskedUpdate:
-    update = client.train(ref, global_params, stats, cfg, round_num)
+    update = local_update(ref, global_params, stats, cfg, round_num, faults)
     contribution = client_contribution(global_params, update.params, clip_norm)
     masked = _party(session, ref).masked_input(contribution, round_num, roster, threshold, codec)
     return MaskedUpdate(

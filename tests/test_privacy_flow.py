@@ -4,6 +4,7 @@ against a real temporary Prefect API and SQLite MLflow store."""
 from __future__ import annotations
 
 import re
+import time
 
 import dp_accounting
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from fl.config import load_config
+from fl.secagg_run import unmasking_committee
 from fl.simulation import simulate
 from flows.training import federated_training
 from tests.test_flow import _task_runs
@@ -71,11 +73,25 @@ def test_target_epsilon_alone_calibrates_the_noise(prefect_api, mlflow_uri):
     assert 2.9 <= result.history[-1]["dp_epsilon"] <= 3.0
 
 
-SECAGG_EXCHANGES = {
-    # per run, per round
-    "run": (("secagg-setup",), ("train", "secagg-unmask")),
-    "round": ((), ("secagg-keys", "secagg-shares", "train", "secagg-unmask")),
-}
+def _secagg_exchanges(keys: str, clients: int, rounds: int, threshold: int) -> set[str]:
+    """The client task runs a run without dropouts makes: keys once per run, then a masked
+    update from everyone and an unmasking committee of ``threshold`` per round; or per-round
+    keys, four exchanges with everyone."""
+    everyone = range(clients)
+    if keys == "round":
+        steps = ("secagg-keys", "secagg-shares", "train", "secagg-unmask")
+        return {
+            f"{s}-r{r:02d}-site-{c}" for s in steps for r in range(1, rounds + 1) for c in everyone
+        }
+    return (
+        {f"secagg-setup-site-{c}" for c in everyone}
+        | {f"train-r{r:02d}-site-{c}" for r in range(1, rounds + 1) for c in everyone}
+        | {
+            f"secagg-unmask-r{r:02d}-site-{c}"
+            for r in range(1, rounds + 1)
+            for c in unmasking_committee(list(everyone), [], threshold, r)
+        }
+    )
 
 
 @pytest.mark.parametrize("keys", ["run", "round"])
@@ -98,10 +114,9 @@ def test_secure_aggregation_flow_recovers_the_sum_and_matches_the_plain_loop(
     assert result.history[-1]["central_mse"] < result.history[0]["central_mse"]
 
     flow_run_id = MlflowClient(mlflow_uri).get_run(result.run_id).data.tags["prefect.flow_run_id"]
-    per_run, per_round = SECAGG_EXCHANGES[keys]
-    expected = {f"{step}-site-{c}" for step in per_run for c in range(10)} | {
-        f"{step}-r{r:02d}-site-{c}" for step in per_round for r in (1, 2, 3) for c in range(10)
-    }
+    expected = _secagg_exchanges(keys, clients=10, rounds=3, threshold=6)  # 0.6 of 10
+    if keys == "run":
+        assert len([n for n in expected if n.startswith("secagg-unmask")]) == 3 * 6
     runs, _ = _task_runs(flow_run_id, expected)
     names = [
         t.name
@@ -148,3 +163,44 @@ def test_dp_and_secure_aggregation_compose(prefect_api, mlflow_uri):
     assert result.history[-1]["dp_epsilon"] == pytest.approx(
         _independent_epsilon(0.5, 0.7, 2, 1e-5), abs=1e-6
     )
+
+
+@pytest.mark.parametrize("keys", ["run", "round"])
+def test_secure_aggregation_recovers_from_thirty_percent_dropouts(prefect_api, mlflow_uri, keys):
+    config = load_config(
+        None,
+        [
+            "data.num_clients=20",
+            "rounds.num_rounds=3",
+            "faults.crash_probability=0.3",
+            "privacy.secure_aggregation=true",
+            f"privacy.secagg_keys={keys!r}",
+            "experiment.log_round_models=false",
+        ],
+    )
+    result = federated_training(config)
+    plain = simulate(config)  # the same seeded crashes, summed in the clear
+    np.testing.assert_allclose(
+        result.coef, plain.params.to_raw(plain.stats).coef, rtol=0, atol=1e-12
+    )
+    failed = [h["clients_failed"] for h in result.history]
+    assert all(f > 0 for f in failed) and sum(failed) >= 0.2 * 60
+    assert [h["clients_ok"] for h in result.history] == [h["clients_ok"] for h in plain.history]
+    if keys == "run":
+        # With dropouts, every survivor is asked to unmask (each holds round seeds shared with
+        # the dropped), not only a committee.
+        flow_run_id = (
+            MlflowClient(mlflow_uri).get_run(result.run_id).data.tags["prefect.flow_run_id"]
+        )
+
+        def asked() -> list[int]:
+            runs, _ = _task_runs(flow_run_id, set())
+            return [
+                sum(t.name.startswith(f"secagg-unmask-r{h['round']:02d}-") for t in runs)
+                for h in result.history
+            ]
+
+        deadline = time.monotonic() + 60  # the server records task runs asynchronously
+        while asked() != [h["clients_ok"] for h in result.history]:
+            assert time.monotonic() < deadline, asked()
+            time.sleep(0.5)

@@ -1,0 +1,248 @@
+"""Secure aggregation with keys once per run (fl.secagg_run): sums across rounds, masking,
+dropouts at either step, failing closed, and what a client refuses to reveal."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fl.secagg import FixedPoint, SecAggAbort, prg
+from fl.secagg_run import (
+    FIELD,
+    RunKeysClient,
+    RunKeysServer,
+    rebuild_seeds,
+    split_seed,
+    unmasking_committee,
+)
+from tests.test_secagg import _seeds, _top_byte_p_value
+
+
+def _clients(n: int, seed: int = 0) -> tuple[dict[int, RunKeysClient], dict]:
+    clients = {u: RunKeysClient(u, s) for u, s in _seeds(range(n), seed).items()}
+    return clients, {u: c.public_key() for u, c in clients.items()}
+
+
+def _round(
+    clients,
+    keys,
+    round_num,
+    vectors,
+    threshold,
+    codec,
+    *,
+    drop_before_masking=(),
+    silent_at_unmasking=(),
+    committee=True,
+):
+    """One round in-process; returns the server's sum, the survivors, and the server."""
+    cohort = sorted(vectors)
+    server = RunKeysServer(round_num, cohort, threshold, codec, len(next(iter(vectors.values()))))
+    roster = [keys[u] for u in cohort]
+    inputs = {
+        u: clients[u].masked_input(vectors[u], round_num, roster, threshold, codec)
+        for u in cohort
+        if u not in set(drop_before_masking)
+    }
+    survivors, dropped, inboxes = server.collect_masked_inputs(inputs)
+    ask = unmasking_committee(survivors, dropped, threshold, round_num) if committee else survivors
+    responses = [
+        clients[v].unmasking(round_num, survivors, dropped, inboxes[v])
+        for v in ask
+        if v not in set(silent_at_unmasking)
+    ]
+    return server.unmask(responses), survivors, inputs, responses
+
+
+def _bound(n: int, codec: FixedPoint) -> float:
+    return n * codec.resolution / 2 + 1e-12
+
+
+def test_sums_are_right_round_after_round_for_changing_cohorts():
+    clients, keys = _clients(30)
+    codec = FixedPoint(bound=2.0)
+    rng = np.random.default_rng(1)
+    for r in range(1, 6):
+        cohort = sorted(int(u) for u in rng.choice(30, size=12, replace=False))
+        vectors = {u: rng.uniform(-2, 2, 7) for u in cohort}
+        total, survivors, _, _ = _round(clients, keys, r, vectors, 8, codec)
+        assert survivors == cohort
+        exact = np.sum(list(vectors.values()), axis=0)
+        assert np.max(np.abs(total - exact)) <= _bound(12, codec)
+
+
+@pytest.mark.parametrize("dim", [400, 4096])  # SHAKE-128 masks, AES-CTR masks
+def test_masked_vectors_look_uniform_even_after_the_server_learns_what_it_may(dim):
+    n, t, codec = 8, 5, FixedPoint(bound=1.0)
+    clients, keys = _clients(n, 3)
+    rng = np.random.default_rng(3)
+    vectors = {u: rng.uniform(0, 0.01, dim) for u in range(n)}  # far from uniform in Z_2^64
+    assert _top_byte_p_value(codec.encode(vectors[0])) < 1e-10  # the test has power
+    server = RunKeysServer(1, range(n), t, codec, dim)
+    roster = list(keys.values())
+    inputs = {u: clients[u].masked_input(vectors[u], 1, roster, t, codec) for u in range(n)}
+    late = inputs.pop(7)  # client 7's message is late: the server declares it dropped
+    survivors, dropped, inboxes = server.collect_masked_inputs(inputs)
+    assert dropped == [7]
+    responses = {v: clients[v].unmasking(1, survivors, dropped, inboxes[v]) for v in survivors}
+    for m in [*inputs.values(), late]:
+        assert _top_byte_p_value(m.masked) > 1e-3, m.client_id
+    exact = np.sum([vectors[u] for u in survivors], axis=0)
+    assert np.max(np.abs(server.unmask(list(responses.values())) - exact)) <= _bound(n, codec)
+
+    # The server now knows every survivor's self mask and the round seeds shared with 7.
+    def pair_mask(u: int, v: int, seed: bytes) -> np.ndarray:
+        return prg(seed, dim) if u < v else np.uint64(0) - prg(seed, dim)
+
+    xs = [v + 1 for v in survivors[:t]]
+    unmasked = {}
+    for u, m in inputs.items():
+        shares = [np.frombuffer(responses[v].self_mask_shares[u], ">u4") for v in survivors[:t]]
+        (seed,) = rebuild_seeds(np.array([shares], dtype=np.int64), xs)
+        unmasked[u] = m.masked - prg(seed, dim) - pair_mask(u, 7, responses[u].pair_seeds[7])
+        # Still hidden behind the masks shared with the other survivors.
+        assert _top_byte_p_value(unmasked[u]) > 1e-3, u
+    # (Those are the right masks: the survivors' remaining masks cancel in their sum.)
+    assert np.max(np.abs(codec.decode(sum(unmasked.values())) - exact)) <= _bound(n, codec)
+    # The late input minus every pairwise mask it holds is still hidden behind its self mask,
+    # whose shares no client released.
+    assert all(7 not in r.self_mask_shares for r in responses.values())
+    stripped = late.masked - sum(pair_mask(7, v, responses[v].pair_seeds[7]) for v in survivors)
+    assert _top_byte_p_value(stripped) > 1e-3
+    assert np.max(np.abs(codec.decode(stripped) - vectors[7])) > 1  # not the input
+
+
+def test_thirty_percent_dropouts_before_masking_recover_the_survivors_sum():
+    n, codec = 100, FixedPoint(bound=1.0)
+    clients, keys = _clients(n, 4)
+    rng = np.random.default_rng(4)
+    for r, dropped in ((1, range(0, 100, 3)), (2, range(1, 100, 4))):
+        dropped = list(dropped)[:30]
+        vectors = {u: rng.uniform(-1, 1, 3) for u in range(n)}
+        total, survivors, _, responses = _round(
+            clients, keys, r, vectors, 51, codec, drop_before_masking=dropped
+        )
+        assert survivors == sorted(set(range(n)) - set(dropped))
+        assert len(responses) == len(survivors)  # with dropouts, every survivor is asked
+        exact = np.sum([vectors[u] for u in survivors], axis=0)
+        assert np.max(np.abs(total - exact)) <= _bound(n, codec)
+
+
+def test_thirty_percent_silent_at_unmasking_recover_the_full_sum():
+    n, codec = 100, FixedPoint(bound=1.0)
+    clients, keys = _clients(n, 5)
+    rng = np.random.default_rng(5)
+    vectors = {u: rng.uniform(-1, 1, 3) for u in range(n)}
+    silent = [int(u) for u in rng.permutation(n)[:30]]
+    # Asked all survivors: 70 answer, more than the threshold of 51.
+    total, survivors, _, _ = _round(
+        clients, keys, 1, vectors, 51, codec, silent_at_unmasking=silent, committee=False
+    )
+    assert survivors == list(range(n))  # who sent masked input counts, answered or not
+    exact = np.sum(list(vectors.values()), axis=0)
+    assert np.max(np.abs(total - exact)) <= _bound(n, codec)
+
+
+def test_the_committee_is_t_survivors_and_rotates():
+    survivors = list(range(10))
+    seen = set()
+    for r in range(1, 6):
+        committee = unmasking_committee(survivors, [], 4, r)
+        assert len(committee) == 4 and set(committee) <= set(survivors)
+        seen |= set(committee)
+    assert seen == set(survivors)
+    assert unmasking_committee(survivors, [11], 4, 1) == survivors
+
+
+@pytest.mark.parametrize(
+    ("drop", "silent", "message"),
+    [
+        ([0, 1, 2, 3, 4], [], "masked input: only 5 clients left, below the threshold 6"),
+        ([], [0, 1, 2, 3, 4], "unmasking: only 5 clients left, below the threshold 6"),
+        ([0], [1], r"clients \[0\] dropped before masking and clients \[1\] did not answer"),
+    ],
+)
+def test_fails_closed(drop, silent, message):
+    clients, keys = _clients(10)
+    vectors = {u: np.full(2, 0.5) for u in range(10)}
+    with pytest.raises(SecAggAbort, match=message):
+        _round(
+            clients,
+            keys,
+            1,
+            vectors,
+            6,
+            FixedPoint(1.0),
+            drop_before_masking=drop,
+            silent_at_unmasking=silent,
+            committee=False,
+        )
+
+
+def test_client_answers_once_and_only_for_a_consistent_split_of_its_cohort():
+    clients, keys = _clients(6, 6)
+    codec = FixedPoint(1.0)
+    roster = list(keys.values())
+    server = RunKeysServer(1, range(6), 4, codec, 2)
+    inputs = {u: clients[u].masked_input(np.zeros(2), 1, roster, 4, codec) for u in range(5)}
+    survivors, dropped, inboxes = server.collect_masked_inputs(inputs)
+    assert dropped == [5]
+    with pytest.raises(SecAggAbort, match="do not split the cohort"):
+        clients[0].unmasking(1, survivors, [], inboxes[0])  # 5 vanished from both lists
+    with pytest.raises(SecAggAbort, match="do not split the cohort"):
+        clients[1].unmasking(1, [*survivors, 5], [5], inboxes[1])  # 5 in both
+    response = clients[2].unmasking(1, survivors, dropped, inboxes[2])
+    assert set(response.self_mask_shares) == set(survivors)
+    assert set(response.pair_seeds) == {5}  # never both for the same client
+    with pytest.raises(SecAggAbort, match="no unanswered masked input for round 1"):
+        clients[2].unmasking(1, survivors, dropped, inboxes[2])
+    with pytest.raises(SecAggAbort, match="fewer than the threshold"):
+        clients[3].unmasking(1, [0, 1, 3], [2, 4, 5], {0: inboxes[3][0], 1: inboxes[3][1]})
+
+
+def test_round_seeds_mask_one_round_only_and_rounds_never_repeat():
+    clients, keys = _clients(4, 7)
+    codec = FixedPoint(1.0)
+    roster = list(keys.values())
+    revealed = []
+    for r in (1, 2):
+        server = RunKeysServer(r, range(4), 3, codec, 2)
+        inputs = {u: clients[u].masked_input(np.zeros(2), r, roster, 3, codec) for u in range(3)}
+        survivors, dropped, inboxes = server.collect_masked_inputs(inputs)
+        revealed.append(clients[0].unmasking(r, survivors, dropped, inboxes[0]).pair_seeds[3])
+    assert revealed[0] != revealed[1]
+    with pytest.raises(SecAggAbort, match="masks are never reused"):
+        clients[0].masked_input(np.zeros(2), 2, roster, 3, codec)
+    with pytest.raises(SecAggAbort, match="does not hold its own key"):
+        clients[0].masked_input(np.zeros(2), 3, roster[1:], 3, codec)
+
+
+def test_tampered_shares_are_caught():
+    clients, keys = _clients(5, 8)
+    codec = FixedPoint(1.0)
+    roster = list(keys.values())
+    server = RunKeysServer(1, range(5), 3, codec, 1)
+    inputs = {u: clients[u].masked_input(np.ones(1) * 0.1, 1, roster, 3, codec) for u in range(5)}
+    survivors, dropped, inboxes = server.collect_masked_inputs(inputs)
+    forged = dict(inboxes[0])
+    forged[1] = bytes([forged[1][0] ^ 1]) + forged[1][1:]
+    with pytest.raises(SecAggAbort, match="share from client 1 failed authentication"):
+        clients[0].unmasking(1, survivors, dropped, forged)
+    responses = [clients[v].unmasking(1, survivors, dropped, inboxes[v]) for v in (1, 2, 3)]
+    bad = responses[0].self_mask_shares
+    bad[4] = bytes([bad[4][0] ^ 1]) + bad[4][1:]
+    with pytest.raises(SecAggAbort, match="client 4's self mask do not match its commitment"):
+        server.unmask(responses)
+
+
+def test_seed_sharing_needs_exactly_t_shares():
+    rng = np.random.default_rng(9)
+    seed = rng.bytes(32)
+    xs = list(range(1, 21))
+    shares = split_seed(seed, 7, xs)
+    assert shares.shape == (20, 11) and shares.max() < FIELD
+    for subset in ([0, 1, 2, 3, 4, 5, 6], [19, 3, 8, 11, 2, 15, 6]):
+        assert rebuild_seeds(shares[None, subset], [xs[i] for i in subset]) == [seed]
+    assert rebuild_seeds(shares[None, :6], xs[:6]) != [seed]
+    with pytest.raises(ValueError, match="threshold"):
+        split_seed(seed, 1, xs)
