@@ -194,6 +194,11 @@ class FLConfig(_Section):
             check_secure_aggregation(self.server.strategy)
         return self
 
+    @property
+    def injected_faults(self) -> FaultsConfig | None:
+        """The ``[faults]`` section if it injects anything, else None."""
+        return self.faults if self.faults != FaultsConfig() else None
+
     def flat(self) -> dict[str, Any]:
         """``{"section.key": value}`` for every key, as logged to MLflow."""
         return {

@@ -26,6 +26,9 @@ Every step needs at least ``threshold`` clients (t); with fewer the protocol fai
 ``t > n / 2``. Clients are trusted to follow the protocol, and so is the server, which may
 however try to learn from what it sees (honest-but-curious).
 
+This is the ``privacy.secagg_keys = "round"`` protocol; :mod:`fl.secagg_run` (the default) agrees
+keys once per run and needs two exchanges per round instead of four.
+
 Vectors are summed in fixed point (:class:`FixedPoint`): ``round(x * 2^frac_bits)`` as a
 two's-complement 64-bit integer, so numpy's ``uint64`` arithmetic, which wraps modulo 2^64, is
 the group Z_(2^64).

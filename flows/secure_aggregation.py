@@ -62,11 +62,6 @@ def open_secure_aggregation(refs: list[ClientRef], config: FLConfig, logger) -> 
     return RunKeys(refs, config, logger)
 
 
-def _faults(config: FLConfig) -> FaultsConfig | None:
-    """Injected faults, if any: a client that fails while training drops out of the round."""
-    return config.faults if config.faults != FaultsConfig() else None
-
-
 def _threshold(config: FLConfig, n: int, round_num: int) -> int:
     threshold = max(2, math.ceil(config.privacy.secagg_threshold * n))
     if n < threshold:
@@ -82,10 +77,12 @@ class RunKeys:
 
     def __init__(self, refs: list[ClientRef], config: FLConfig, logger):
         self.config = config
-        self.faults = _faults(config)
+        self.faults = config.injected_faults  # a client that fails drops out
         self.session = uuid.uuid4().hex
         failures: list[tuple[str, str]] = []
-        self.keys = _outcomes(make_run_keys.map(refs, self.session), refs, failures)
+        self.keys = _outcomes(
+            make_run_keys.map([quote(ref) for ref in refs], self.session), refs, failures
+        )
         for cid, why in failures:
             logger.warning("client %s: secure-aggregation key setup failed: %s", cid, why)
 
@@ -103,11 +100,11 @@ class RunKeys:
         server = RunKeysServer(round_num, ids, threshold, codec, params.num_features + 2)
         masked = _outcomes(
             train_run_masked.map(
-                cohort,
+                [quote(ref) for ref in cohort],
                 self.session,
                 unmapped(quote([self.keys[i] for i in ids])),
                 threshold,
-                unmapped(codec),
+                unmapped(quote(codec)),
                 unmapped(quote(params)),
                 unmapped(quote(stats)),
                 unmapped(quote(self.config.client)),
@@ -130,10 +127,10 @@ class RunKeys:
             refs = [by_index[i] for i in ask]
             responses |= _outcomes(
                 run_unmasking.map(
-                    refs,
+                    [quote(ref) for ref in refs],
                     self.session,
-                    unmapped(survivors),
-                    unmapped(dropped),
+                    unmapped(quote(survivors)),
+                    unmapped(quote(dropped)),
                     [quote(inboxes[i]) for i in ask],
                     round_num,
                 ),
@@ -154,7 +151,7 @@ class RoundKeys:
 
     def __init__(self, config: FLConfig):
         self.config = config
-        self.faults = _faults(config)
+        self.faults = config.injected_faults  # a client that fails drops out
 
     def round(self, sampled, params, stats, clip_norm, round_num) -> RoundResult:
         return secure_round(sampled, params, stats, self.config, clip_norm, round_num, self.faults)
@@ -192,16 +189,24 @@ def secure_round(
     r = round_num
     try:
         keys = _outcomes(
-            advertise_keys.map(sampled, session, threshold, unmapped(codec), r), sampled, failures
+            advertise_keys.map(
+                [quote(ref) for ref in sampled], session, threshold, unmapped(quote(codec)), r
+            ),
+            sampled,
+            failures,
         )
         roster = server.collect_keys(list(keys.values()))
         cohort = [by_index[i] for i in keys]
-        shares = _outcomes(share_keys.map(cohort, session, unmapped(roster), r), cohort, failures)
+        shares = _outcomes(
+            share_keys.map([quote(ref) for ref in cohort], session, unmapped(quote(roster)), r),
+            cohort,
+            failures,
+        )
         inboxes = server.route_shares(list(shares.values()))
         cohort = [by_index[i] for i in inboxes]
         masked = _outcomes(
             train_masked.map(
-                cohort,
+                [quote(ref) for ref in cohort],
                 session,
                 unmapped(quote(roster)),
                 [quote(inboxes[ref.index]) for ref in cohort],
@@ -219,11 +224,11 @@ def secure_round(
         cohort = [by_index[i] for i in survivors]
         responses = _outcomes(
             unmasking_shares.map(
-                cohort,
+                [quote(ref) for ref in cohort],
                 session,
                 unmapped(quote(roster)),
                 [quote(inboxes[ref.index]) for ref in cohort],
-                unmapped(survivors),
+                unmapped(quote(survivors)),
                 r,
             ),
             cohort,

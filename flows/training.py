@@ -18,7 +18,7 @@ from prefect.utilities.annotations import quote
 from pydantic import BaseModel
 
 import fl
-from fl.config import FaultsConfig, FLConfig
+from fl.config import FLConfig
 from fl.data import duplicate_clients, registry
 from fl.evaluation import EvalSums, named, received_evaluation, train_loss
 from fl.lifecycle import decide_promotion
@@ -208,7 +208,7 @@ def federated_training(
         trainer = train_client.with_options(
             retries=config.client.retries, retry_delay_seconds=config.client.retry_delay_s
         )
-        faults = config.faults if config.faults != FaultsConfig() else None
+        faults = config.injected_faults
 
         def deadline(started: float) -> float | None:
             timeout = config.rounds.round_timeout_s
