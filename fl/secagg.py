@@ -71,6 +71,15 @@ class SecAggAbort(RuntimeError):
     """The protocol stopped rather than reveal anything: too few clients, or a bad message."""
 
 
+def require_quorum(count: int, threshold: int, step: str) -> None:
+    """Fail closed, naming ``step``, unless ``count`` clients reach the ``threshold``."""
+    if count < threshold:
+        raise SecAggAbort(
+            f"{step}: only {count} clients left, below the threshold {threshold}; "
+            "aborting without revealing anything"
+        )
+
+
 def supports_secure_aggregation(strategy: str) -> bool:
     """Whether the strategy named ``strategy`` can aggregate a sum formed by secure
     aggregation. Unknown names are refused (fail closed)."""
@@ -224,16 +233,17 @@ def shamir_split(
     return shares
 
 
-def lagrange_at_zero(xs: Sequence[int]) -> list[int]:
-    """Weights ``l_i`` with ``f(0) = sum_i l_i f(x_i)`` for any ``f`` of degree < len(xs)."""
+def lagrange_at_zero(xs: Sequence[int], prime: int = SHAMIR_PRIME) -> list[int]:
+    """Weights ``l_i`` with ``f(0) = sum_i l_i f(x_i)`` for any ``f`` of degree < len(xs)
+    over GF(``prime``)."""
     weights = []
     for i, xi in enumerate(xs):
         num, den = 1, 1
         for j, xj in enumerate(xs):
             if j != i:
-                num = num * xj % SHAMIR_PRIME
-                den = den * (xj - xi) % SHAMIR_PRIME
-        weights.append(num * pow(den, -1, SHAMIR_PRIME) % SHAMIR_PRIME)
+                num = num * xj % prime
+                den = den * (xj - xi) % prime
+        weights.append(num * pow(den, -1, prime) % prime)
     return weights
 
 
@@ -596,11 +606,7 @@ class SecAggServer:
         return self.codec.decode(total)
 
     def _require(self, count: int, step: str) -> None:
-        if count < self.threshold:
-            raise SecAggAbort(
-                f"{step}: only {count} clients left, below the threshold {self.threshold}; "
-                "aborting without revealing anything"
-            )
+        require_quorum(count, self.threshold, step)
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,16 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from fl.secagg import FixedPoint, SecAggAbort, _hkdf, _id_bytes, _share_point, prg
+from fl.secagg import (
+    FixedPoint,
+    SecAggAbort,
+    _hkdf,
+    _id_bytes,
+    _share_point,
+    lagrange_at_zero,
+    prg,
+    require_quorum,
+)
 
 _ROUND_TAG = b"fedtune/secagg/round"
 _U64 = struct.Struct(">Q")
@@ -135,22 +144,11 @@ def split_seed(seed: bytes, threshold: int, xs: Sequence[int]) -> np.ndarray:
     return powers @ coeffs % FIELD
 
 
-def _lagrange_at_zero(xs: Sequence[int]) -> np.ndarray:
-    weights = []
-    for i, xi in enumerate(xs):
-        num, den = 1, 1
-        for j, xj in enumerate(xs):
-            if j != i:
-                num = num * xj % FIELD
-                den = den * (xj - xi) % FIELD
-        weights.append(num * pow(den, -1, FIELD) % FIELD)
-    return np.asarray(weights, dtype=np.int64)
-
-
 def rebuild_seeds(shares: np.ndarray, xs: Sequence[int]) -> list[bytes | None]:
     """The seeds from ``shares[k, i]``, seed ``k``'s share for the point ``xs[i]``, one row of
     limbs each; ``None`` where the shares rebuild no 32-byte seed."""
-    limbs = np.einsum("i,kil->kl", _lagrange_at_zero(xs), shares) % FIELD
+    weights = np.asarray(lagrange_at_zero(xs, FIELD), dtype=np.int64)
+    limbs = np.einsum("i,kil->kl", weights, shares) % FIELD
     return [_from_limbs(row) for row in limbs]
 
 
@@ -467,8 +465,4 @@ class RunKeysServer:
         return self.codec.decode(total)
 
     def _require(self, count: int, step: str) -> None:
-        if count < self.threshold:
-            raise SecAggAbort(
-                f"{step}: only {count} clients left, below the threshold {self.threshold}; "
-                "aborting without revealing anything"
-            )
+        require_quorum(count, self.threshold, step)

@@ -15,7 +15,10 @@ into a dropout, which the protocol tolerates up to its threshold.)
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 from prefect import task
 
 from fl.config import ClientConfig, FaultsConfig
@@ -46,6 +49,25 @@ def _party(session: str, ref: ClientRef) -> SecAggClient | RunKeysClient:
             "setup, or they expired)"
         )
     return party
+
+
+def _train_and_mask(
+    ref: ClientRef,
+    global_params: ModelParams,
+    stats: FeatureStats,
+    cfg: ClientConfig,
+    clip_norm: float,
+    round_num: int,
+    faults: FaultsConfig | None,
+    mask: Callable[[np.ndarray], Any],
+) -> MaskedUpdate:
+    """Train, clip the update (the DP-FedAvg contribution) and mask it; the scalars travel
+    alongside, as in a plain update."""
+    update = local_update(ref, global_params, stats, cfg, round_num, faults)
+    contribution = client_contribution(global_params, update.params, clip_norm)
+    return MaskedUpdate(
+        update.client_id, mask(contribution), update.num_examples, update.metrics, update.evaluation
+    )
 
 
 @task(
@@ -88,12 +110,11 @@ def train_masked(
     round_num: int,
     faults: FaultsConfig | None = None,
 ) -> MaskedUpdate:
-    update = local_update(ref, global_params, stats, cfg, round_num, faults)
-    contribution = client_contribution(global_params, update.params, clip_norm)
-    masked = _party(session, ref).masked_input(contribution, roster, inbox)
-    return MaskedUpdate(
-        update.client_id, masked, update.num_examples, update.metrics, update.evaluation
-    )
+    party = _party(session, ref)
+    return _train_and_mask(
+        ref, global_params, stats, cfg, clip_norm, round_num, faults,
+        lambda x: party.masked_input(x, roster, inbox),
+    )  # fmt: skip
 
 
 @task(
@@ -145,12 +166,11 @@ def train_run_masked(
     round_num: int,
     faults: FaultsConfig | None = None,
 ) -> MaskedUpdate:
-    update = local_update(ref, global_params, stats, cfg, round_num, faults)
-    contribution = client_contribution(global_params, update.params, clip_norm)
-    masked = _party(session, ref).masked_input(contribution, round_num, roster, threshold, codec)
-    return MaskedUpdate(
-        update.client_id, masked, update.num_examples, update.metrics, update.evaluation
-    )
+    party = _party(session, ref)
+    return _train_and_mask(
+        ref, global_params, stats, cfg, clip_norm, round_num, faults,
+        lambda x: party.masked_input(x, round_num, roster, threshold, codec),
+    )  # fmt: skip
 
 
 @task(
