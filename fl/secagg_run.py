@@ -42,10 +42,12 @@ that round fails closed (:class:`~fl.secagg.SecAggAbort`) and the model stays as
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import secrets
 import struct
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -208,6 +210,17 @@ def unmasking_committee(
 # Parties
 
 
+def _serialised(method):
+    """One call at a time per client object."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 @dataclass
 class _Pending:
     cohort: frozenset[int]
@@ -239,11 +252,14 @@ class RunKeysClient:
         self._pair_keys: dict[bytes, bytes] = {}
         self._pending: dict[int, _Pending] = {}
         self._last_round = 0
+        # A straggler's late answer may race its next round's in another thread.
+        self._lock = threading.Lock()
 
     def public_key(self) -> PublicKey:
         """Setup."""
         return self._public
 
+    @_serialised
     def masked_input(
         self,
         x: np.ndarray,
@@ -300,6 +316,7 @@ class RunKeysClient:
         )
         return MaskedInput(me, round_num, masked, _commit(self_seed), sealed)
 
+    @_serialised
     def unmasking(
         self,
         round_num: int,

@@ -10,6 +10,7 @@ shares, masked updates, unmasking), which recovers from dropouts at any step.
 from __future__ import annotations
 
 import math
+import time
 import uuid
 from typing import Protocol
 
@@ -47,9 +48,12 @@ class SecureAggregation(Protocol):
         stats: FeatureStats,
         clip_norm: float,
         round_num: int,
+        until: float | None = None,
     ) -> RoundResult:
-        """One round's secure sum. Raises :class:`SecAggAbort` when too few clients remain to
-        unmask: the round then fails closed and the global model stays as it was."""
+        """One round's secure sum. Clients whose masked update has not arrived by
+        ``time.perf_counter()`` ``until`` drop out. Raises :class:`SecAggAbort` when too few
+        clients remain to unmask: the round then fails closed and the global model stays as it
+        was."""
 
     def close(self) -> None:
         """Discard every client secret the protocol left behind."""
@@ -86,7 +90,7 @@ class RunKeys:
         for cid, why in failures:
             logger.warning("client %s: secure-aggregation key setup failed: %s", cid, why)
 
-    def round(self, sampled, params, stats, clip_norm, round_num) -> RoundResult:
+    def round(self, sampled, params, stats, clip_norm, round_num, until=None) -> RoundResult:
         failures = [
             (ref.client_id, "took no part in the secure-aggregation key setup")
             for ref in sampled
@@ -114,6 +118,7 @@ class RunKeys:
             ),
             cohort,
             failures,
+            until,
         )
         survivors, dropped, inboxes = server.collect_masked_inputs(
             {i: m.masked for i, m in masked.items()}
@@ -153,16 +158,22 @@ class RoundKeys:
         self.config = config
         self.faults = config.injected_faults  # a client that fails drops out
 
-    def round(self, sampled, params, stats, clip_norm, round_num) -> RoundResult:
-        return secure_round(sampled, params, stats, self.config, clip_norm, round_num, self.faults)
+    def round(self, sampled, params, stats, clip_norm, round_num, until=None) -> RoundResult:
+        return secure_round(
+            sampled, params, stats, self.config, clip_norm, round_num, self.faults, until
+        )
 
     def close(self) -> None:
         pass  # each round discards its own keys
 
 
-def _outcomes(futures, refs: list[ClientRef], failures: list[tuple[str, str]]) -> dict:
-    """``{client index: result}`` of the clients that answered; the rest join ``failures``."""
-    answered, failed = collect(futures, refs)
+def _outcomes(
+    futures, refs: list[ClientRef], failures: list[tuple[str, str]], until: float | None = None
+) -> dict:
+    """``{client index: result}`` of the clients that answered (by ``time.perf_counter()``
+    ``until``, if given); the rest join ``failures``."""
+    timeout = None if until is None else until - time.perf_counter()
+    answered, failed = collect(futures, refs, timeout)
     failures += failed
     return answered
 
@@ -175,6 +186,7 @@ def secure_round(
     clip_norm: float,
     round_num: int,
     faults: FaultsConfig | None = None,
+    until: float | None = None,
 ) -> RoundResult:
     """One round of Bonawitz et al.'s protocol with fresh keys (see
     :meth:`SecureAggregation.round`)."""
@@ -219,6 +231,7 @@ def secure_round(
             ),
             cohort,
             failures,
+            until,
         )
         survivors = server.collect_masked_inputs({i: m.masked for i, m in masked.items()})
         cohort = [by_index[i] for i in survivors]

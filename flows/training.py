@@ -238,7 +238,11 @@ def federated_training(
             try:
                 if secure is not None:
                     clip = strategy.clip_norm(state)
-                    secure_sum, updates, failures = secure.round(sampled, params, stats, clip, r)
+                    timeout = config.rounds.round_timeout_s
+                    until = None if timeout is None else started + timeout
+                    secure_sum, updates, failures = secure.round(
+                        sampled, params, stats, clip, r, until
+                    )
                 else:
                     answered, failures = collect(
                         trainer.map(
