@@ -226,8 +226,9 @@ def federated_training(
             logger.info("resuming run %s after round %d", run_id, checkpoint["round"])
         if plan is not None and plan.secure_aggregation:
             setup_started = time.perf_counter()
-            secure = open_secure_aggregation(refs, config, logger)
-            log(0, {"secagg_setup_seconds": time.perf_counter() - setup_started})
+            secure = open_secure_aggregation(refs, config, logger)  # fresh keys on resume too
+            if resume_run_id is None:
+                log(0, {"secagg_setup_seconds": time.perf_counter() - setup_started})
         for r in range(start_round, total + 1):
             if budget_exhausted(accountant, config.privacy.target_epsilon):
                 logger.info("privacy budget: round %d would exceed target_epsilon; stopping", r)
