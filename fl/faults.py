@@ -9,8 +9,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from fl.config import FaultsConfig
-from fl.params import ClientUpdate, ModelParams
+from fl import client
+from fl.config import ClientConfig, FaultsConfig
+from fl.data import ClientRef
+from fl.params import ClientUpdate, FeatureStats, ModelParams
 
 _STREAM_FAULTS = 51
 
@@ -37,3 +39,20 @@ def corrupt(faults: FaultsConfig, update: ClientUpdate) -> ClientUpdate:
         return update
     nan = ModelParams(np.full_like(update.params.coef, np.nan), float("nan"))
     return replace(update, params=nan)
+
+
+def train(
+    faults: FaultsConfig | None,
+    ref: ClientRef,
+    global_params: ModelParams,
+    stats: FeatureStats,
+    cfg: ClientConfig,
+    round_num: int,
+    attempt: int = 1,
+) -> ClientUpdate:
+    """:func:`fl.client.train`, failing, slowed or corrupted as ``faults`` (if any) says for
+    this client, round and attempt."""
+    if faults is None:
+        return client.train(ref, global_params, stats, cfg, round_num)
+    inject(faults, ref.seed, round_num, ref.client_id, attempt)
+    return corrupt(faults, client.train(ref, global_params, stats, cfg, round_num))

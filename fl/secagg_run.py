@@ -223,7 +223,6 @@ def _serialised(method):
 
 @dataclass
 class _Pending:
-    cohort: frozenset[int]
     threshold: int
     own_share: bytes
     peers: dict[int, bytes]  # cohort member -> its public key, as used for the masks
@@ -311,9 +310,7 @@ class RunKeysClient:
                 _IDS.pack(round_num, me, v),
             )
         masked += _signed_masks(plus, minus, size)
-        self._pending[round_num] = _Pending(
-            frozenset(peers), threshold, _SHARE.pack(*shares[me].tolist()), peers
-        )
+        self._pending[round_num] = _Pending(threshold, _SHARE.pack(*shares[me].tolist()), peers)
         return MaskedInput(me, round_num, masked, _commit(self_seed), sealed)
 
     @_serialised
@@ -332,7 +329,7 @@ class RunKeysClient:
         if pending is None:
             raise SecAggAbort(f"client {me}: no unanswered masked input for round {round_num}")
         alive, gone = set(survivors), set(dropped)
-        if alive & gone or alive | gone != pending.cohort:
+        if alive & gone or alive | gone != pending.peers.keys():
             raise SecAggAbort(
                 f"client {me}: survivors and dropped clients of round {round_num} do not split "
                 "the cohort it masked for"

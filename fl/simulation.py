@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fl import client
+from fl import client, faults
 from fl.config import FLConfig
 from fl.data import registry
 from fl.evaluation import (
@@ -26,7 +26,6 @@ from fl.evaluation import (
     received_evaluation,
     train_loss,
 )
-from fl.faults import InjectedFault, corrupt, inject
 from fl.params import FeatureStats, ModelParams, screen_updates
 from fl.privacy import (
     budget_exhausted,
@@ -69,11 +68,10 @@ def simulate(config: FLConfig) -> SimulationResult:
         trained = []
         for ref in sampled:
             try:
-                inject(config.faults, seed, r, ref.client_id)
                 trained.append(
-                    corrupt(config.faults, client.train(ref, params, stats, config.client, r))
+                    faults.train(config.injected_faults, ref, params, stats, config.client, r)
                 )
-            except InjectedFault:
+            except faults.InjectedFault:
                 continue
         updates, _ = screen_updates(trained, params, config.server.max_update_norm)
         failed_round = plan is None and len(updates) < config.rounds.min_clients

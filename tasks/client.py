@@ -7,9 +7,9 @@ from prefect import task
 from prefect.runtime import task_run
 
 from fl import client
+from fl import faults as fl_faults
 from fl.config import ClientConfig, FaultsConfig
 from fl.data import ClientDataError, ClientRef
-from fl.faults import corrupt, inject
 from fl.params import ClientUpdate, FeatureStats, ModelParams
 from fl.statistics import StatsReport
 from tasks import TASK_OPTIONS
@@ -57,10 +57,8 @@ def local_update(
     faults: FaultsConfig | None,
 ) -> ClientUpdate:
     """A client's training, with the injected ``faults`` (if any) of this round and attempt."""
-    if faults is None:
-        return client.train(ref, global_params, stats, cfg, round_num)
-    inject(faults, ref.seed, round_num, ref.client_id, attempt=task_run.get_run_count())
-    return corrupt(faults, client.train(ref, global_params, stats, cfg, round_num))
+    attempt = 1 if faults is None else task_run.get_run_count()
+    return fl_faults.train(faults, ref, global_params, stats, cfg, round_num, attempt)
 
 
 @task(name="final-report", task_run_name="final-{ref.client_id}", **TASK_OPTIONS)
