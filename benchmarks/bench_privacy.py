@@ -6,7 +6,8 @@ dp      configs/dp.toml (1000 clients x 100 rows, Poisson q = 0.1, 20 rounds, ta
         epsilon 1.0 at delta 1e-5) through the flow, next to the same run without DP:
         final epsilon and the ratio of central-eval MSEs.
 secagg  100 clients, all every round, --rounds rounds (default 10): the median seconds per
-        round with secure aggregation, keys once per run ("run") and fresh every round
+        round with secure aggregation, keys once per run ("run", the default committee of 40
+        share holders; "run_committee_all", every client a share holder) and fresh every round
         ("round"), over the median of the same runs without it (the runs alternate, --repeats
         times each); "ratio_with_setup" spreads the one-off key setup over the rounds.
 """
@@ -89,6 +90,12 @@ def secagg(work: Path, rounds: int, repeats: int) -> dict:
     variants = {
         "plain": base,
         "run": [*base, "privacy.secure_aggregation=true", "privacy.secagg_keys='run'"],
+        "run_committee_all": [
+            *base,
+            "privacy.secure_aggregation=true",
+            "privacy.secagg_keys='run'",
+            "privacy.secagg_committee='all'",
+        ],
         "round": [*base, "privacy.secure_aggregation=true", "privacy.secagg_keys='round'"],
     }
     rounds_s: dict[str, list[float]] = {name: [] for name in variants}
@@ -108,7 +115,7 @@ def secagg(work: Path, rounds: int, repeats: int) -> dict:
         "repeats": repeats,
         "median_seconds_per_round_plain": round(plain, 3),
     }
-    for keys in ("run", "round"):
+    for keys in ("run", "run_committee_all", "round"):
         per_round = statistics.median(rounds_s[keys])
         setup = statistics.median(setup_s[keys])
         out[f"keys_{keys}"] = {

@@ -11,7 +11,14 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class _Section(BaseModel):
@@ -144,7 +151,24 @@ class PrivacyConfig(_Section):
     clip_learning_rate: float = Field(0.2, ge=0)
     secure_aggregation: bool = False
     secagg_threshold: float = Field(0.6, gt=0.5, le=1)
-    """Fraction of a round's clients whose shares are needed to unmask the sum."""
+    """Fraction of a round's clients that must survive for its sum to be revealed, and of the
+    share holders whose shares rebuild a self mask."""
+    secagg_committee: int | Literal["all"] = 40
+    """With ``secagg_keys = "run"``: how many of a round's clients hold shares of each self mask
+    (a committee drawn afresh every round), or "all" of them."""
+
+    @field_validator("secagg_committee", mode="before")
+    @classmethod
+    def _committee(cls, value: Any) -> Any:
+        if value != "all" and (type(value) is not int or value < 2):
+            raise ValueError('must be an integer >= 2 or "all"')
+        return value
+
+    @property
+    def committee_size(self) -> int | None:
+        """``secagg_committee`` as a number, None for every client of the round."""
+        return None if self.secagg_committee == "all" else self.secagg_committee
+
     secagg_keys: Literal["run", "round"] = "run"
     """"run": each client's key pair is made once per run, then two exchanges per round;
     "round": Bonawitz et al.'s protocol with fresh keys every round, four exchanges per round,

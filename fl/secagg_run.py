@@ -15,17 +15,28 @@ rest of Bonawitz et al.'s design:
       y_u = x_u + PRG(b_u) + sum_{v in S, v != u} +/-PRG(k_uv^r)
 
   (``+`` if ``u < v``), where ``k_uv^r`` and a channel key ``e_uv^r`` are the two halves of
-  ``HMAC-SHA512(K_uv, r)``; with it a hash commitment to ``b_u`` and, for each ``v`` in S, a
-  t-of-|S| Shamir share of ``b_u`` encrypted for ``v`` under ``e_uv^r`` (AES-GCM).
+  ``HMAC-SHA512(K_uv, r)``; with it a hash commitment to ``b_u`` and Shamir shares of ``b_u``,
+  each encrypted for its recipient under ``e_uv^r`` (AES-GCM). The recipients are the round's
+  *share holders* H, a committee of ``Quorum.holders`` members of S (all of S by default when
+  S is small; :func:`share_holders`), any ``Quorum.rebuild`` of whose shares rebuild the seed.
   U = the clients whose message arrived (the survivors), D = S minus U (the dropped).
 * **Unmasking.** A survivor ``v`` asked to unmask gets U, D and the shares addressed to it,
-  and returns its shares of ``b_u`` for every ``u`` in U and the round seeds ``k_vu^r`` it
-  shares with every ``u`` in D: never both for the same client, and only once per round. The
-  server rebuilds the self masks from any t answers (checked against the commitments), removes
-  the pairwise masks that the dropped clients left behind, and decodes the sum of U's vectors.
-  When nobody dropped, t answers are all it needs, so it asks only a committee of t survivors
-  (:func:`unmasking_committee`, rotating from round to round), and more only if some of them
-  fail to answer; when somebody dropped, it asks every survivor.
+  and returns its shares of ``b_u`` for every ``u`` in U (if it is a share holder) and the
+  round seeds ``k_vu^r`` it shares with every ``u`` in D: never both for the same client, and
+  only once per round. The server rebuilds the self masks from ``rebuild`` holders' answers
+  (checked against the commitments), removes the pairwise masks that the dropped clients left
+  behind, and decodes the sum of U's vectors. When nobody dropped, only ``rebuild`` surviving
+  holders are asked (:meth:`RunKeysServer.to_ask`), more only if some fail to answer; when
+  somebody dropped, every survivor is asked.
+
+**The committee.** Share holders are ranked by SHA-256 of (round, id), so the server and every
+client compute the same committee from the cohort, and nobody picks it; it changes every
+round. It shortens the unmasking exchange from ``t`` clients to ``rebuild`` (Bell et al., 2020,
+share with O(log n) neighbours; Flamingo's decryptor committee), at one cost: the shares of a
+*dropped* client's self mask are held by the committee only, so its input, should it arrive
+late, stays hidden unless ``rebuild`` committee members collude with the server, rather than
+``t`` members of the cohort. A survivor's input is protected by the pairwise masks it shares
+with every other survivor, whatever the committee.
 
 What the server learns is what Bonawitz et al.'s server learns: the sum over U. A round seed
 ``k_uv^r`` masks round ``r`` only (HMAC is a PRF), so revealing it for a dropped client exposes
@@ -34,8 +45,9 @@ should it arrive late, is still hidden by its self mask, whose shares no client 
 
 The price of the saved exchanges: a dropped client's pairwise masks are known only to it and to
 each survivor, so they can be removed only if *every* survivor answers the unmasking request.
-A round therefore recovers from clients dropping before the masked input (down to t) or from
-survivors not answering the unmasking request (down to t), but not from both in the same round:
+A round therefore recovers from clients dropping before the masked input (down to t survivors
+and ``rebuild`` holders) or from survivors not answering the unmasking request (down to
+``rebuild`` holders), but not from both in the same round:
 that round fails closed (:class:`~fl.secagg.SecAggAbort`) and the model stays as it was. Use
 ``privacy.secagg_keys = "round"`` (:mod:`fl.secagg`) where that matters more than speed.
 """
@@ -45,10 +57,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import math
 import secrets
 import struct
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +83,8 @@ from fl.secagg import (
 _ROUND_TAG = b"fedtune/secagg/round"
 _U64 = struct.Struct(">Q")
 _IDS = struct.Struct(">QQQ")
+_HOLDERS_TAG = b"fedtune/secagg/share-holders"
+_ROUND_ID = struct.Struct(">QQ")
 
 
 def _round_secrets(pair_key: bytes, round_num: int) -> tuple[bytes, bytes]:
@@ -193,17 +208,47 @@ class Unmasking:
     pair_seeds: dict[int, bytes]
 
 
-def unmasking_committee(
-    survivors: Sequence[int], dropped: Sequence[int], threshold: int, round_num: int
-) -> list[int]:
-    """The survivors to ask for unmasking first: all of them if anybody dropped (each holds
-    round seeds shared with the dropped clients), else ``threshold`` of them, a window over the
-    sorted survivors that moves on by ``threshold`` every round so the work is shared."""
-    ordered = sorted(survivors)
-    if dropped or threshold >= len(ordered):
-        return ordered
-    start = (round_num * threshold) % len(ordered)
-    return sorted((ordered + ordered)[start : start + threshold])
+@dataclass(frozen=True)
+class Quorum:
+    """The numbers every party of a round checks.
+
+    survivors : the fewest clients whose sum may be revealed (Bonawitz et al.'s t).
+    holders : the committee: how many cohort members hold shares of each self-mask seed.
+    rebuild : how many of those shares rebuild a seed.
+    """
+
+    survivors: int
+    holders: int
+    rebuild: int
+
+    def __post_init__(self):
+        if not (self.survivors >= 2 and 2 <= self.rebuild <= self.holders):
+            raise ValueError(f"quorum: needs survivors >= 2 and 2 <= rebuild <= holders ({self})")
+
+    @classmethod
+    def of(cls, cohort_size: int, fraction: float, committee: int | None = None) -> Quorum:
+        """``fraction`` of a cohort of ``cohort_size`` must survive; seeds are shared with
+        ``committee`` of its members (all of them if None or the cohort is no larger), any
+        ``fraction`` of whom rebuild them."""
+        holders = cohort_size if committee is None else min(committee, cohort_size)
+        return cls(
+            survivors=max(2, math.ceil(fraction * cohort_size)),
+            holders=max(2, holders),
+            rebuild=max(2, math.ceil(fraction * holders)),
+        )
+
+    def fits(self, cohort_size: int) -> bool:
+        return self.holders <= cohort_size and self.survivors <= cohort_size
+
+
+def share_holders(cohort: Iterable[int], count: int, round_num: int) -> list[int]:
+    """Round ``round_num``'s committee: the ``count`` members of ``cohort`` that rank first by
+    SHA-256 of (round, id), in that order. Any party computes it from the cohort alone."""
+
+    def rank(v: int) -> bytes:
+        return hashlib.sha256(_HOLDERS_TAG + _ROUND_ID.pack(round_num, v)).digest()
+
+    return sorted(cohort, key=rank)[:count]
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,9 +268,10 @@ def _serialised(method):
 
 @dataclass
 class _Pending:
-    threshold: int
-    own_share: bytes
-    peers: dict[int, bytes]  # cohort member -> its public key, as used for the masks
+    quorum: Quorum
+    holders: frozenset[int]
+    own_share: bytes | None  # None: not a share holder this round
+    round_secrets: dict[int, tuple[bytes, bytes]]  # peer -> (mask seed, channel key)
 
 
 class RunKeysClient:
@@ -264,7 +310,7 @@ class RunKeysClient:
         x: np.ndarray,
         round_num: int,
         roster: Sequence[PublicKey],
-        threshold: int,
+        quorum: Quorum,
         codec: FixedPoint,
     ) -> MaskedInput:
         """Step 1 of round ``round_num``, whose cohort is ``roster`` (this client included)."""
@@ -279,38 +325,44 @@ class RunKeysClient:
             raise SecAggAbort(f"client {me}: the roster repeats a client id")
         if peers.get(me) != self._public.public:
             raise SecAggAbort(f"client {me}: the roster does not hold its own key")
-        if not 2 <= threshold <= len(peers):
-            raise SecAggAbort(
-                f"client {me}: threshold {threshold} must be between 2 and the cohort size "
-                f"{len(peers)}"
-            )
+        if not quorum.fits(len(peers)):
+            raise SecAggAbort(f"client {me}: {quorum} does not fit a cohort of {len(peers)}")
         self._last_round = round_num
         self._pending = {}  # a client answers only for its latest round
         encoded = codec.encode(x)
         size = encoded.shape[0]
         self_seed = secrets.token_bytes(32)
         masked = encoded + prg(self_seed, size)
-        order = sorted(peers)
+        holders = share_holders(peers, quorum.holders, round_num)
         shares = dict(
             zip(
-                order,
-                split_seed(self_seed, threshold, [_share_point(v) for v in order]),
+                holders,
+                split_seed(self_seed, quorum.rebuild, [_share_point(v) for v in holders]),
                 strict=True,
             )
         )
-        sealed, plus, minus = {}, [], []
+        round_secrets, sealed, plus, minus = {}, {}, [], []
         for v, public in peers.items():
             if v == me:
                 continue
-            mask_seed, channel_key = _round_secrets(self._pair_key(v, public), round_num)
-            (plus if me < v else minus).append(mask_seed)
-            sealed[v] = AESGCM(channel_key).encrypt(
-                _nonce(me, v),
-                _SHARE.pack(*shares[v].tolist()),
-                _IDS.pack(round_num, me, v),
+            mask_seed, channel_key = round_secrets[v] = _round_secrets(
+                self._pair_key(v, public), round_num
             )
+            (plus if me < v else minus).append(mask_seed)
+            if v in shares:
+                sealed[v] = AESGCM(channel_key).encrypt(
+                    _nonce(me, v),
+                    _SHARE.pack(*shares[v].tolist()),
+                    _IDS.pack(round_num, me, v),
+                )
         masked += _signed_masks(plus, minus, size)
-        self._pending[round_num] = _Pending(threshold, _SHARE.pack(*shares[me].tolist()), peers)
+        own = shares.get(me)
+        self._pending[round_num] = _Pending(
+            quorum,
+            frozenset(holders),
+            None if own is None else _SHARE.pack(*own.tolist()),
+            round_secrets,
+        )
         return MaskedInput(me, round_num, masked, _commit(self_seed), sealed)
 
     @_serialised
@@ -321,33 +373,37 @@ class RunKeysClient:
         dropped: Sequence[int],
         inbox: Mapping[int, bytes],
     ) -> Unmasking:
-        """Step 2: shares of the survivors' self-mask seeds, round seeds shared with the
-        dropped clients. Answers once per round, and only if ``survivors`` and ``dropped``
-        split the cohort it masked for."""
+        """Step 2: shares of the survivors' self-mask seeds (if this client holds shares this
+        round), round seeds shared with the dropped clients. Answers once per round, and only
+        if ``survivors`` and ``dropped`` split the cohort it masked for."""
         me = self.client_id
         pending = self._pending.pop(round_num, None)
         if pending is None:
             raise SecAggAbort(f"client {me}: no unanswered masked input for round {round_num}")
         alive, gone = set(survivors), set(dropped)
-        if alive & gone or alive | gone != pending.peers.keys():
+        if alive & gone or alive | gone != pending.round_secrets.keys() | {me}:
             raise SecAggAbort(
                 f"client {me}: survivors and dropped clients of round {round_num} do not split "
                 "the cohort it masked for"
             )
         if me not in alive:
             raise SecAggAbort(f"client {me}: not among the survivors it was sent")
-        if len(alive) < pending.threshold:
+        if len(alive) < pending.quorum.survivors:
             raise SecAggAbort(
                 f"client {me}: {len(alive)} survivors are fewer than the threshold "
-                f"{pending.threshold}"
+                f"{pending.quorum.survivors}"
             )
-        if set(inbox) != alive - {me}:
-            raise SecAggAbort(f"client {me}: the inbox does not hold one share per survivor")
-        self_mask_shares = {me: pending.own_share}
+        holder = me in pending.holders
+        if set(inbox) != (alive - {me} if holder else set()):
+            raise SecAggAbort(
+                f"client {me}: the inbox does not hold one share per survivor"
+                if holder
+                else f"client {me}: holds no shares in round {round_num} but was sent some"
+            )
+        self_mask_shares = {me: pending.own_share} if holder else {}
         for u, sealed in inbox.items():
-            _, channel_key = _round_secrets(self._pair_key(u, pending.peers[u]), round_num)
             try:
-                plaintext = AESGCM(channel_key).decrypt(
+                plaintext = AESGCM(pending.round_secrets[u][1]).decrypt(
                     _nonce(u, me), sealed, _IDS.pack(round_num, u, me)
                 )
             except InvalidTag:
@@ -355,10 +411,7 @@ class RunKeysClient:
                     f"client {me}: share from client {u} failed authentication"
                 ) from None
             self_mask_shares[u] = plaintext
-        pair_seeds = {
-            u: _round_secrets(self._pair_key(u, pending.peers[u]), round_num)[0]
-            for u in sorted(gone)
-        }
+        pair_seeds = {u: pending.round_secrets[u][0] for u in sorted(gone)}
         return Unmasking(me, round_num, self_mask_shares, pair_seeds)
 
     def _pair_key(self, peer: int, public: bytes) -> bytes:
@@ -372,33 +425,37 @@ class RunKeysClient:
 
 
 class RunKeysServer:
-    """The server's side of one round: :meth:`collect_masked_inputs`, then :meth:`unmask`.
+    """The server's side of one round: :meth:`collect_masked_inputs`, :meth:`to_ask` (until
+    it asks nobody), then :meth:`unmask`.
 
-    It sees masked vectors, commitments, encrypted shares and, at the end, t shares of each
-    survivor's self-mask seed and the dropped clients' round seeds: the sum over the survivors
-    and nothing about any one of them.
+    It sees masked vectors, commitments, encrypted shares and, at the end, ``rebuild`` shares
+    of each survivor's self-mask seed and the dropped clients' round seeds: the sum over the
+    survivors and nothing about any one of them.
     """
 
     def __init__(
         self,
         round_num: int,
         cohort: Sequence[int],
-        threshold: int,
+        quorum: Quorum,
         codec: FixedPoint,
         dimension: int,
     ):
         self.round_num = round_num
         self.cohort = sorted(cohort)
-        self.threshold = threshold
+        self.quorum = quorum
         self.codec = codec
         self.dimension = dimension
-        self._require(len(self.cohort), "cohort")
+        require_quorum(len(self.cohort), quorum.survivors, "cohort")
+        if not quorum.fits(len(self.cohort)):
+            raise ValueError(f"{quorum} does not fit a cohort of {len(self.cohort)}")
         if len(self.cohort) > MAX_COHORT or _share_point(self.cohort[-1]) >= FIELD:
             raise ValueError(
                 f"cohort: at most {MAX_COHORT} clients with ids below {FIELD - 1} "
                 f"(got {len(self.cohort)}, largest id {self.cohort[-1]})"
             )
         codec.check_capacity(len(self.cohort))
+        self.holders = share_holders(self.cohort, quorum.holders, round_num)
         self.survivors_: list[int] = []
         self.dropped_: list[int] = []
         self._inputs: dict[int, MaskedInput] = {}
@@ -406,11 +463,13 @@ class RunKeysServer:
     def collect_masked_inputs(
         self, inputs: Mapping[int, MaskedInput]
     ) -> tuple[list[int], list[int], dict[int, dict[int, bytes]]]:
-        """The survivors, the dropped clients, and each survivor's inbox of shares."""
+        """The survivors, the dropped clients, and each survivor's inbox of shares (empty for
+        a survivor that holds none)."""
         unknown = inputs.keys() - set(self.cohort)
         if unknown:
             raise SecAggAbort(f"masked input: from clients {sorted(unknown)} outside the cohort")
-        self._require(len(inputs), "masked input")
+        require_quorum(len(inputs), self.quorum.survivors, "masked input")
+        holders = set(self.holders)
         for u, m in inputs.items():
             y = np.asarray(m.masked)
             if (
@@ -418,23 +477,41 @@ class RunKeysServer:
                 or m.round_num != self.round_num
                 or y.dtype != np.uint64
                 or y.shape != (self.dimension,)
-                or set(m.shares) != set(self.cohort) - {u}
+                or set(m.shares) != holders - {u}
             ):
                 raise SecAggAbort(f"masked input: client {u} sent a malformed message")
+        left = sum(v in inputs for v in self.holders)
+        if left < self.quorum.rebuild:
+            raise SecAggAbort(
+                f"masked input: only {left} of the {len(self.holders)} share holders left, below "
+                f"the threshold {self.quorum.rebuild}; aborting without revealing anything"
+            )
         self._inputs = dict(inputs)
         self.survivors_ = sorted(inputs)
         self.dropped_ = sorted(set(self.cohort) - set(inputs))
         inboxes = {
             v: {u: self._inputs[u].shares[v] for u in self.survivors_ if u != v}
+            if v in holders
+            else {}
             for v in self.survivors_
         }
         return list(self.survivors_), list(self.dropped_), inboxes
+
+    def to_ask(self, asked: Collection[int], answered: Collection[int]) -> list[int]:
+        """Whom to ask for unmasking next, given who was asked and who answered so far (empty:
+        ask nobody more). If anybody dropped, every survivor at once (each holds round seeds
+        shared with the dropped); else the surviving share holders in committee order, as many
+        as are still needed to rebuild the seeds."""
+        if self.dropped_:
+            return [] if asked else list(self.survivors_)
+        need = self.quorum.rebuild - len(set(answered) & set(self.holders))
+        alive = set(self.survivors_)
+        return [v for v in self.holders if v in alive and v not in asked][: max(need, 0)]
 
     def unmask(self, responses: Sequence[Unmasking]) -> np.ndarray:
         """The decoded float sum of the survivors' vectors."""
         survivors = set(self.survivors_)
         answered = {r.sender: r for r in responses if r.sender in survivors}
-        self._require(len(answered), "unmasking")
         silent = sorted(survivors - answered.keys())
         if self.dropped_ and silent:
             raise SecAggAbort(
@@ -442,14 +519,17 @@ class RunKeysServer:
                 f"{silent} did not answer the unmasking request; the masks they shared cannot "
                 "be removed, so the round is aborted without revealing anything"
             )
+        holders = set(self.holders)
         for r in answered.values():
             if (
                 r.round_num != self.round_num
-                or r.self_mask_shares.keys() != survivors
+                or r.self_mask_shares.keys() != (survivors if r.sender in holders else set())
                 or r.pair_seeds.keys() != set(self.dropped_)
             ):
                 raise SecAggAbort(f"unmasking: client {r.sender} sent the wrong set of shares")
-        responders = sorted(answered)[: self.threshold]
+        responders = [v for v in self.holders if v in answered]
+        require_quorum(len(responders), self.quorum.rebuild, "unmasking")
+        responders = responders[: self.quorum.rebuild]
         try:
             shares = np.array(
                 [
@@ -477,6 +557,3 @@ class RunKeysServer:
                 self.dimension,
             )
         return self.codec.decode(total)
-
-    def _require(self, count: int, step: str) -> None:
-        require_quorum(count, self.threshold, step)

@@ -9,7 +9,6 @@ shares, masked updates, unmasking), which recovers from dropouts at any step.
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from typing import Protocol
@@ -22,7 +21,7 @@ from fl.config import FaultsConfig, FLConfig
 from fl.data import ClientRef
 from fl.params import FeatureStats, MaskedUpdate, ModelParams
 from fl.secagg import FixedPoint, SecAggAbort, SecAggServer
-from fl.secagg_run import RunKeysServer, unmasking_committee
+from fl.secagg_run import Quorum, RunKeysServer
 from flows.outcomes import collect
 from tasks.secure_aggregation import (
     advertise_keys,
@@ -66,14 +65,14 @@ def open_secure_aggregation(refs: list[ClientRef], config: FLConfig, logger) -> 
     return RunKeys(refs, config, logger)
 
 
-def _threshold(config: FLConfig, n: int, round_num: int) -> int:
-    threshold = max(2, math.ceil(config.privacy.secagg_threshold * n))
-    if n < threshold:
+def _quorum(config: FLConfig, n: int, round_num: int, committee: int | None = None) -> Quorum:
+    quorum = Quorum.of(n, config.privacy.secagg_threshold, committee)
+    if n < quorum.survivors:
         raise SecAggAbort(
             f"round {round_num}: {n} client(s) can take part; secure aggregation needs at "
-            f"least {threshold}"
+            f"least {quorum.survivors}"
         )
-    return threshold
+    return quorum
 
 
 class RunKeys:
@@ -97,17 +96,17 @@ class RunKeys:
             if ref.index not in self.keys
         ]
         cohort = [ref for ref in sampled if ref.index in self.keys]
-        threshold = _threshold(self.config, len(cohort), round_num)
+        quorum = _quorum(self.config, len(cohort), round_num, self.config.privacy.committee_size)
         codec = FixedPoint(bound=max(clip_norm, 1.0))
         ids = [ref.index for ref in cohort]
         by_index = {ref.index: ref for ref in cohort}
-        server = RunKeysServer(round_num, ids, threshold, codec, params.num_features + 2)
+        server = RunKeysServer(round_num, ids, quorum, codec, params.num_features + 2)
         masked = _outcomes(
             train_run_masked.map(
                 [quote(ref) for ref in cohort],
                 self.session,
                 unmapped(quote([self.keys[i] for i in ids])),
-                threshold,
+                unmapped(quote(quorum)),
                 unmapped(quote(codec)),
                 unmapped(quote(params)),
                 unmapped(quote(stats)),
@@ -123,11 +122,10 @@ class RunKeys:
         survivors, dropped, inboxes = server.collect_masked_inputs(
             {i: m.masked for i, m in masked.items()}
         )
-        # Ask a committee first; if some of it fails (and nobody dropped), ask as many more.
-        ask = unmasking_committee(survivors, dropped, threshold, round_num)
+        # The share holders the sum needs (everyone, if somebody dropped); more if some fail.
         asked: set[int] = set()
         responses: dict = {}
-        while ask:
+        while ask := server.to_ask(asked, responses.keys()):
             asked.update(ask)
             refs = [by_index[i] for i in ask]
             responses |= _outcomes(
@@ -142,8 +140,6 @@ class RunKeys:
                 refs,
                 failures,
             )
-            missing = 0 if dropped else threshold - len(responses)
-            ask = [i for i in survivors if i not in asked][: max(missing, 0)]
         total = server.unmask(list(responses.values()))
         return total, [masked[i] for i in survivors], failures
 
@@ -191,7 +187,7 @@ def secure_round(
     """One round of Bonawitz et al.'s protocol with fresh keys (see
     :meth:`SecureAggregation.round`)."""
     n = len(sampled)
-    threshold = _threshold(config, n, round_num)
+    threshold = _quorum(config, n, round_num).survivors
     codec = FixedPoint(bound=max(clip_norm, 1.0))
     codec.check_capacity(n)
     server = SecAggServer(threshold, codec, dimension=params.num_features + 2)

@@ -32,7 +32,7 @@ from fl.secagg import (
     SecAggClient,
     UnmaskingResponse,
 )
-from fl.secagg_run import PublicKey, RunKeysClient, Unmasking
+from fl.secagg_run import PublicKey, Quorum, RunKeysClient, Unmasking
 from tasks import TASK_OPTIONS
 from tasks.client import local_update
 
@@ -157,7 +157,7 @@ def train_run_masked(
     ref: ClientRef,
     session: str,
     roster: list[PublicKey],
-    threshold: int,
+    quorum: Quorum,
     codec: FixedPoint,
     global_params: ModelParams,
     stats: FeatureStats,
@@ -169,7 +169,7 @@ def train_run_masked(
     party = _party(session, ref)
     return _train_and_mask(
         ref, global_params, stats, cfg, clip_norm, round_num, faults,
-        lambda x: party.masked_input(x, round_num, roster, threshold, codec),
+        lambda x: party.masked_input(x, round_num, roster, quorum, codec),
     )  # fmt: skip
 
 

@@ -42,6 +42,8 @@ def test_overrides_are_typed_as_toml_and_fall_back_to_strings():
         ("data.source=files", "data.path"),
         ("data.partition=sorted", "data.partition"),
         ("client.eta0=fast", "client.eta0"),
+        ("privacy.secagg_committee=1", "privacy.secagg_committee: must be an integer >= 2"),
+        ("privacy.secagg_committee='most'", "privacy.secagg_committee: must be an integer"),
     ],
 )
 def test_invalid_config_is_one_line_naming_the_key(override, key):

@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from fl.config import load_config
-from fl.secagg_run import unmasking_committee
+from fl.secagg_run import Quorum, share_holders
 from fl.simulation import simulate
 from flows.training import federated_training
 from tests.test_flow import _task_runs
@@ -74,10 +74,10 @@ def test_target_epsilon_alone_calibrates_the_noise(prefect_api, mlflow_uri):
     assert 2.9 <= result.history[-1]["dp_epsilon"] <= 3.0
 
 
-def _secagg_exchanges(keys: str, clients: int, rounds: int, threshold: int) -> set[str]:
+def _secagg_exchanges(keys: str, clients: int, rounds: int, quorum: Quorum) -> set[str]:
     """The client task runs a run without dropouts makes: keys once per run, then a masked
-    update from everyone and an unmasking committee of ``threshold`` per round; or per-round
-    keys, four exchanges with everyone."""
+    update from everyone and unmasking by the first ``quorum.rebuild`` of the round's share
+    holders; or per-round keys, four exchanges with everyone."""
     everyone = range(clients)
     if keys == "round":
         steps = ("secagg-keys", "secagg-shares", "train", "secagg-unmask")
@@ -90,20 +90,24 @@ def _secagg_exchanges(keys: str, clients: int, rounds: int, threshold: int) -> s
         | {
             f"secagg-unmask-r{r:02d}-site-{c}"
             for r in range(1, rounds + 1)
-            for c in unmasking_committee(list(everyone), [], threshold, r)
+            for c in share_holders(everyone, quorum.holders, r)[: quorum.rebuild]
         }
     )
 
 
-@pytest.mark.parametrize("keys", ["run", "round"])
+@pytest.mark.parametrize(
+    ("keys", "committee"),
+    [("run", 40), ("run", 5), ("round", 40)],  # 40: the default, all 10 clients hold shares
+)
 def test_secure_aggregation_flow_recovers_the_sum_and_matches_the_plain_loop(
-    prefect_api, mlflow_uri, keys
+    prefect_api, mlflow_uri, keys, committee
 ):
     config = load_config(
         None,
         [
             "privacy.secure_aggregation=true",
             f"privacy.secagg_keys={keys!r}",
+            f"privacy.secagg_committee={committee}",
             "rounds.num_rounds=3",
             "experiment.log_round_models=false",
         ],
@@ -115,9 +119,11 @@ def test_secure_aggregation_flow_recovers_the_sum_and_matches_the_plain_loop(
     assert result.history[-1]["central_mse"] < result.history[0]["central_mse"]
 
     flow_run_id = MlflowClient(mlflow_uri).get_run(result.run_id).data.tags["prefect.flow_run_id"]
-    expected = _secagg_exchanges(keys, clients=10, rounds=3, threshold=6)  # 0.6 of 10
-    if keys == "run":
-        assert len([n for n in expected if n.startswith("secagg-unmask")]) == 3 * 6
+    quorum = Quorum.of(10, 0.6, committee)
+    expected = _secagg_exchanges(keys, clients=10, rounds=3, quorum=quorum)
+    if keys == "run":  # 0.6 of 10 clients, or of a committee of 5
+        unmaskers = 6 if committee == 40 else 3
+        assert len([n for n in expected if n.startswith("secagg-unmask")]) == 3 * unmaskers
     runs, _ = _task_runs(flow_run_id, expected)
     names = [
         t.name

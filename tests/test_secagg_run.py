@@ -9,11 +9,12 @@ import pytest
 from fl.secagg import FixedPoint, SecAggAbort, prg
 from fl.secagg_run import (
     FIELD,
+    Quorum,
     RunKeysClient,
     RunKeysServer,
     rebuild_seeds,
+    share_holders,
     split_seed,
-    unmasking_committee,
 )
 from tests.test_secagg import _seeds, _top_byte_p_value
 
@@ -21,6 +22,11 @@ from tests.test_secagg import _seeds, _top_byte_p_value
 def _clients(n: int, seed: int = 0) -> tuple[dict[int, RunKeysClient], dict]:
     clients = {u: RunKeysClient(u, s) for u, s in _seeds(range(n), seed).items()}
     return clients, {u: c.public_key() for u, c in clients.items()}
+
+
+def _quorum(threshold: int | Quorum, n: int) -> Quorum:
+    """An int t: t survivors, every cohort member a share holder, any t of them rebuild."""
+    return threshold if isinstance(threshold, Quorum) else Quorum(threshold, n, threshold)
 
 
 def _round(
@@ -33,25 +39,31 @@ def _round(
     *,
     drop_before_masking=(),
     silent_at_unmasking=(),
-    committee=True,
+    ask_everyone=False,
 ):
-    """One round in-process; returns the server's sum, the survivors, and the server."""
+    """One round in-process, the server asking whom :meth:`RunKeysServer.to_ask` names (or
+    every survivor); returns the server's sum, the survivors, the inputs and the answers."""
     cohort = sorted(vectors)
-    server = RunKeysServer(round_num, cohort, threshold, codec, len(next(iter(vectors.values()))))
+    quorum = _quorum(threshold, len(cohort))
+    server = RunKeysServer(round_num, cohort, quorum, codec, len(next(iter(vectors.values()))))
     roster = [keys[u] for u in cohort]
     inputs = {
-        u: clients[u].masked_input(vectors[u], round_num, roster, threshold, codec)
+        u: clients[u].masked_input(vectors[u], round_num, roster, quorum, codec)
         for u in cohort
         if u not in set(drop_before_masking)
     }
     survivors, dropped, inboxes = server.collect_masked_inputs(inputs)
-    ask = unmasking_committee(survivors, dropped, threshold, round_num) if committee else survivors
-    responses = [
-        clients[v].unmasking(round_num, survivors, dropped, inboxes[v])
-        for v in ask
-        if v not in set(silent_at_unmasking)
-    ]
-    return server.unmask(responses), survivors, inputs, responses
+    asked, responses = set(), {}
+    while ask := (
+        [v for v in survivors if v not in asked]
+        if ask_everyone
+        else server.to_ask(asked, responses)
+    ):
+        asked.update(ask)
+        for v in ask:
+            if v not in set(silent_at_unmasking):
+                responses[v] = clients[v].unmasking(round_num, survivors, dropped, inboxes[v])
+    return server.unmask(list(responses.values())), survivors, inputs, list(responses.values())
 
 
 def _bound(n: int, codec: FixedPoint) -> float:
@@ -71,16 +83,23 @@ def test_sums_are_right_round_after_round_for_changing_cohorts():
         assert np.max(np.abs(total - exact)) <= _bound(12, codec)
 
 
-@pytest.mark.parametrize("dim", [400, 4096])  # SHAKE-128 masks, AES-CTR masks
-def test_masked_vectors_look_uniform_even_after_the_server_learns_what_it_may(dim):
-    n, t, codec = 8, 5, FixedPoint(bound=1.0)
+@pytest.mark.parametrize(
+    ("dim", "quorum"),
+    [
+        (400, Quorum(5, 8, 5)),  # SHAKE-128 masks, every client a share holder
+        (4096, Quorum(5, 8, 5)),  # AES-CTR masks
+        (400, Quorum(5, 4, 3)),  # a committee of 4 holds the shares
+    ],
+)
+def test_masked_vectors_look_uniform_even_after_the_server_learns_what_it_may(dim, quorum):
+    n, codec = 8, FixedPoint(bound=1.0)
     clients, keys = _clients(n, 3)
     rng = np.random.default_rng(3)
     vectors = {u: rng.uniform(0, 0.01, dim) for u in range(n)}  # far from uniform in Z_2^64
     assert _top_byte_p_value(codec.encode(vectors[0])) < 1e-10  # the test has power
-    server = RunKeysServer(1, range(n), t, codec, dim)
+    server = RunKeysServer(1, range(n), quorum, codec, dim)
     roster = list(keys.values())
-    inputs = {u: clients[u].masked_input(vectors[u], 1, roster, t, codec) for u in range(n)}
+    inputs = {u: clients[u].masked_input(vectors[u], 1, roster, quorum, codec) for u in range(n)}
     late = inputs.pop(7)  # client 7's message is late: the server declares it dropped
     survivors, dropped, inboxes = server.collect_masked_inputs(inputs)
     assert dropped == [7]
@@ -94,10 +113,11 @@ def test_masked_vectors_look_uniform_even_after_the_server_learns_what_it_may(di
     def pair_mask(u: int, v: int, seed: bytes) -> np.ndarray:
         return prg(seed, dim) if u < v else np.uint64(0) - prg(seed, dim)
 
-    xs = [v + 1 for v in survivors[:t]]
+    holders = [v for v in server.holders if v in responses][: quorum.rebuild]
+    xs = [v + 1 for v in holders]
     unmasked = {}
     for u, m in inputs.items():
-        shares = [np.frombuffer(responses[v].self_mask_shares[u], ">u4") for v in survivors[:t]]
+        shares = [np.frombuffer(responses[v].self_mask_shares[u], ">u4") for v in holders]
         (seed,) = rebuild_seeds(np.array([shares], dtype=np.int64), xs)
         unmasked[u] = m.masked - prg(seed, dim) - pair_mask(u, 7, responses[u].pair_seeds[7])
         # Still hidden behind the masks shared with the other survivors.
@@ -136,22 +156,72 @@ def test_thirty_percent_silent_at_unmasking_recover_the_full_sum():
     silent = [int(u) for u in rng.permutation(n)[:30]]
     # Asked all survivors: 70 answer, more than the threshold of 51.
     total, survivors, _, _ = _round(
-        clients, keys, 1, vectors, 51, codec, silent_at_unmasking=silent, committee=False
+        clients, keys, 1, vectors, 51, codec, silent_at_unmasking=silent, ask_everyone=True
     )
     assert survivors == list(range(n))  # who sent masked input counts, answered or not
     exact = np.sum(list(vectors.values()), axis=0)
     assert np.max(np.abs(total - exact)) <= _bound(n, codec)
 
 
-def test_the_committee_is_t_survivors_and_rotates():
-    survivors = list(range(10))
-    seen = set()
-    for r in range(1, 6):
-        committee = unmasking_committee(survivors, [], 4, r)
-        assert len(committee) == 4 and set(committee) <= set(survivors)
-        seen |= set(committee)
-    assert seen == set(survivors)
-    assert unmasking_committee(survivors, [11], 4, 1) == survivors
+def test_share_holders_are_a_fresh_committee_each_round_that_every_party_computes_alike():
+    cohort = list(range(50))
+    committees = [share_holders(cohort, 10, r) for r in range(1, 31)]
+    assert all(len(c) == len(set(c)) == 10 and set(c) <= set(cohort) for c in committees)
+    assert share_holders(reversed(cohort), 10, 7) == committees[6]  # a function of the set
+    assert len({tuple(c) for c in committees}) == 30
+    # 300 seats over 50 clients: each serves; none far more than its share (6 on average).
+    counts = np.bincount(np.concatenate(committees), minlength=50)
+    assert counts.min() >= 1 and counts.max() <= 16
+    assert share_holders(cohort[:8], 10, 1) == share_holders(cohort[:8], 8, 1)  # all of them
+    assert Quorum.of(100, 0.6, 40) == Quorum(survivors=60, holders=40, rebuild=24)
+    assert Quorum.of(10, 0.6, 40) == Quorum(survivors=6, holders=10, rebuild=6)
+    assert Quorum.of(10, 0.6) == Quorum(survivors=6, holders=10, rebuild=6)
+    with pytest.raises(ValueError, match="rebuild <= holders"):
+        Quorum(5, 3, 4)
+
+
+def test_a_committee_alone_holds_the_shares_and_unmasks_with_or_without_dropouts():
+    n, codec = 60, FixedPoint(bound=1.0)
+    quorum = Quorum.of(n, 0.6, 12)  # 36 survivors needed; 12 holders, any 8 rebuild
+    clients, keys = _clients(n, 10)
+    rng = np.random.default_rng(10)
+
+    # Nobody drops: the server asks 8 holders, and only holders were sent shares.
+    vectors = {u: rng.uniform(-1, 1, 3) for u in range(n)}
+    total, survivors, inputs, responses = _round(clients, keys, 1, vectors, quorum, codec)
+    holders = share_holders(range(n), 12, 1)
+    assert all(set(m.shares) == set(holders) - {u} for u, m in inputs.items())
+    assert [r.sender for r in responses] == holders[:8]
+    exact = np.sum(list(vectors.values()), axis=0)
+    assert np.max(np.abs(total - exact)) <= _bound(n, codec)
+
+    # Two holders of the first 8 are silent: two more holders are asked.
+    vectors = {u: rng.uniform(-1, 1, 3) for u in range(n)}
+    holders = share_holders(range(n), 12, 2)
+    total, _, _, responses = _round(
+        clients, keys, 2, vectors, quorum, codec, silent_at_unmasking=holders[:2]
+    )
+    assert [r.sender for r in responses] == holders[2:10]
+    exact = np.sum(list(vectors.values()), axis=0)
+    assert np.max(np.abs(total - exact)) <= _bound(n, codec)
+
+    # 4 holders and 14 others drop (30%): every survivor is asked, holders give shares.
+    holders = share_holders(range(n), 12, 3)
+    others = [u for u in range(n) if u not in holders]
+    dropped = holders[:4] + others[:14]
+    vectors = {u: rng.uniform(-1, 1, 3) for u in range(n)}
+    total, survivors, _, responses = _round(
+        clients, keys, 3, vectors, quorum, codec, drop_before_masking=dropped
+    )
+    assert len(responses) == len(survivors) == 42
+    assert sum(bool(r.self_mask_shares) for r in responses) == 8
+    exact = np.sum([vectors[u] for u in survivors], axis=0)
+    assert np.max(np.abs(total - exact)) <= _bound(n, codec)
+
+    # 5 holders drop: 7 are left of the 8 needed, and the round fails closed.
+    holders = share_holders(range(n), 12, 4)
+    with pytest.raises(SecAggAbort, match="only 7 of the 12 share holders left, below the thr"):
+        _round(clients, keys, 4, vectors, quorum, codec, drop_before_masking=holders[:5])
 
 
 @pytest.mark.parametrize(
@@ -175,7 +245,7 @@ def test_fails_closed(drop, silent, message):
             FixedPoint(1.0),
             drop_before_masking=drop,
             silent_at_unmasking=silent,
-            committee=False,
+            ask_everyone=True,
         )
 
 
@@ -183,8 +253,10 @@ def test_client_answers_once_and_only_for_a_consistent_split_of_its_cohort():
     clients, keys = _clients(6, 6)
     codec = FixedPoint(1.0)
     roster = list(keys.values())
-    server = RunKeysServer(1, range(6), 4, codec, 2)
-    inputs = {u: clients[u].masked_input(np.zeros(2), 1, roster, 4, codec) for u in range(5)}
+    server = RunKeysServer(1, range(6), Quorum(4, 6, 4), codec, 2)
+    inputs = {
+        u: clients[u].masked_input(np.zeros(2), 1, roster, Quorum(4, 6, 4), codec) for u in range(5)
+    }
     survivors, dropped, inboxes = server.collect_masked_inputs(inputs)
     assert dropped == [5]
     with pytest.raises(SecAggAbort, match="do not split the cohort"):
@@ -200,29 +272,49 @@ def test_client_answers_once_and_only_for_a_consistent_split_of_its_cohort():
         clients[3].unmasking(1, [0, 1, 3], [2, 4, 5], {0: inboxes[3][0], 1: inboxes[3][1]})
 
 
+def test_a_client_outside_the_committee_takes_no_shares():
+    clients, keys = _clients(6, 11)
+    codec, quorum = FixedPoint(1.0), Quorum(4, 3, 2)
+    roster = list(keys.values())
+    server = RunKeysServer(1, range(6), quorum, codec, 2)
+    inputs = {u: clients[u].masked_input(np.zeros(2), 1, roster, quorum, codec) for u in range(6)}
+    survivors, dropped, inboxes = server.collect_masked_inputs(inputs)
+    holder = server.holders[0]
+    outsider = next(u for u in range(6) if u not in server.holders)
+    assert inboxes[outsider] == {} and len(inboxes[holder]) == 5
+    with pytest.raises(SecAggAbort, match=f"client {outsider}: holds no shares in round 1"):
+        clients[outsider].unmasking(1, survivors, dropped, inboxes[holder])
+
+
 def test_round_seeds_mask_one_round_only_and_rounds_never_repeat():
     clients, keys = _clients(4, 7)
     codec = FixedPoint(1.0)
     roster = list(keys.values())
     revealed = []
     for r in (1, 2):
-        server = RunKeysServer(r, range(4), 3, codec, 2)
-        inputs = {u: clients[u].masked_input(np.zeros(2), r, roster, 3, codec) for u in range(3)}
+        server = RunKeysServer(r, range(4), Quorum(3, 4, 3), codec, 2)
+        inputs = {
+            u: clients[u].masked_input(np.zeros(2), r, roster, Quorum(3, 4, 3), codec)
+            for u in range(3)
+        }
         survivors, dropped, inboxes = server.collect_masked_inputs(inputs)
         revealed.append(clients[0].unmasking(r, survivors, dropped, inboxes[0]).pair_seeds[3])
     assert revealed[0] != revealed[1]
     with pytest.raises(SecAggAbort, match="masks are never reused"):
-        clients[0].masked_input(np.zeros(2), 2, roster, 3, codec)
+        clients[0].masked_input(np.zeros(2), 2, roster, Quorum(3, 4, 3), codec)
     with pytest.raises(SecAggAbort, match="does not hold its own key"):
-        clients[0].masked_input(np.zeros(2), 3, roster[1:], 3, codec)
+        clients[0].masked_input(np.zeros(2), 3, roster[1:], Quorum(3, 4, 3), codec)
 
 
 def test_tampered_shares_are_caught():
     clients, keys = _clients(5, 8)
     codec = FixedPoint(1.0)
     roster = list(keys.values())
-    server = RunKeysServer(1, range(5), 3, codec, 1)
-    inputs = {u: clients[u].masked_input(np.ones(1) * 0.1, 1, roster, 3, codec) for u in range(5)}
+    server = RunKeysServer(1, range(5), Quorum(3, 5, 3), codec, 1)
+    inputs = {
+        u: clients[u].masked_input(np.ones(1) * 0.1, 1, roster, Quorum(3, 5, 3), codec)
+        for u in range(5)
+    }
     survivors, dropped, inboxes = server.collect_masked_inputs(inputs)
     forged = dict(inboxes[0])
     forged[1] = bytes([forged[1][0] ^ 1]) + forged[1][1:]
