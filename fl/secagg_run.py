@@ -17,8 +17,8 @@ rest of Bonawitz et al.'s design:
   (``+`` if ``u < v``), where ``k_uv^r`` and a channel key ``e_uv^r`` are the two halves of
   ``HMAC-SHA512(K_uv, r)``; with it a hash commitment to ``b_u`` and Shamir shares of ``b_u``,
   each encrypted for its recipient under ``e_uv^r`` (AES-GCM). The recipients are the round's
-  *share holders* H, a committee of ``Quorum.holders`` members of S (all of S by default when
-  S is small; :func:`share_holders`), any ``Quorum.rebuild`` of whose shares rebuild the seed.
+  *share holders* H, a committee of ``Quorum.holders`` members of S (all of S when S is no
+  larger; :func:`share_holders`), any ``Quorum.rebuild`` of whose shares rebuild the seed.
   U = the clients whose message arrived (the survivors), D = S minus U (the dropped).
 * **Unmasking.** A survivor ``v`` asked to unmask gets U, D and the shares addressed to it,
   and returns its shares of ``b_u`` for every ``u`` in U (if it is a share holder) and the
@@ -31,8 +31,9 @@ rest of Bonawitz et al.'s design:
 
 **The committee.** Share holders are ranked by SHA-256 of (round, id), so the server and every
 client compute the same committee from the cohort, and nobody picks it; it changes every
-round. It shortens the unmasking exchange from ``t`` clients to ``rebuild`` (Bell et al., 2020,
-share with O(log n) neighbours; Flamingo's decryptor committee), at one cost: the shares of a
+round. It shortens the unmasking exchange from ``t`` clients to ``rebuild`` (in the spirit of
+Bell et al., 2020, who share with O(log n) neighbours, and of Flamingo's decryptor committee),
+at one cost: the shares of a
 *dropped* client's self mask are held by the committee only, so its input, should it arrive
 late, stays hidden unless ``rebuild`` committee members collude with the server, rather than
 ``t`` members of the cohort. A survivor's input is protected by the pairwise masks it shares
