@@ -61,7 +61,7 @@ class SecureAggregation(Protocol):
 def open_secure_aggregation(refs: list[ClientRef], config: FLConfig, logger) -> SecureAggregation:
     """The protocol ``config.privacy.secagg_keys`` names, ready for its first round."""
     if config.privacy.secagg_keys == "round":
-        return RoundKeys(config)
+        return RoundKeys(config, logger)
     return RunKeys(refs, config, logger)
 
 
@@ -80,6 +80,7 @@ class RunKeys:
 
     def __init__(self, refs: list[ClientRef], config: FLConfig, logger):
         self.config = config
+        self.logger = logger
         self.faults = config.injected_faults  # a client that fails drops out
         self.session = uuid.uuid4().hex
         failures: list[tuple[str, str]] = []
@@ -128,7 +129,7 @@ class RunKeys:
         while ask := server.to_ask(asked, responses.keys()):
             asked.update(ask)
             refs = [by_index[i] for i in ask]
-            responses |= _outcomes(
+            responses |= _unmasking(
                 run_unmasking.map(
                     [quote(ref) for ref in refs],
                     self.session,
@@ -138,7 +139,8 @@ class RunKeys:
                     round_num,
                 ),
                 refs,
-                failures,
+                self.logger,
+                round_num,
             )
         total = server.unmask(list(responses.values()))
         return total, [masked[i] for i in survivors], failures
@@ -150,13 +152,22 @@ class RunKeys:
 class RoundKeys:
     """Fresh keys every round (:mod:`fl.secagg`, Bonawitz et al., 2017)."""
 
-    def __init__(self, config: FLConfig):
+    def __init__(self, config: FLConfig, logger):
         self.config = config
+        self.logger = logger
         self.faults = config.injected_faults  # a client that fails drops out
 
     def round(self, sampled, params, stats, clip_norm, round_num, until=None) -> RoundResult:
         return secure_round(
-            sampled, params, stats, self.config, clip_norm, round_num, self.faults, until
+            sampled,
+            params,
+            stats,
+            self.config,
+            clip_norm,
+            round_num,
+            self.logger,
+            self.faults,
+            until,
         )
 
     def close(self) -> None:
@@ -174,6 +185,18 @@ def _outcomes(
     return answered
 
 
+def _unmasking(futures, refs: list[ClientRef], logger, round_num: int) -> dict:
+    """Answers to an unmasking request. A survivor that does not answer is not left out of the
+    round (its masked update is in the sum, if the sum can be unmasked): it is only logged."""
+    silent: list[tuple[str, str]] = []
+    answered = _outcomes(futures, refs, silent)
+    for cid, why in silent:
+        logger.warning(
+            "round %d: client %s did not answer the unmasking request: %s", round_num, cid, why
+        )
+    return answered
+
+
 def secure_round(
     sampled: list[ClientRef],
     params: ModelParams,
@@ -181,6 +204,7 @@ def secure_round(
     config: FLConfig,
     clip_norm: float,
     round_num: int,
+    logger,
     faults: FaultsConfig | None = None,
     until: float | None = None,
 ) -> RoundResult:
@@ -231,7 +255,7 @@ def secure_round(
         )
         survivors = server.collect_masked_inputs({i: m.masked for i, m in masked.items()})
         cohort = [by_index[i] for i in survivors]
-        responses = _outcomes(
+        responses = _unmasking(
             unmasking_shares.map(
                 [quote(ref) for ref in cohort],
                 session,
@@ -241,7 +265,8 @@ def secure_round(
                 r,
             ),
             cohort,
-            failures,
+            logger,
+            r,
         )
         total = server.unmask(list(responses.values()))
     finally:

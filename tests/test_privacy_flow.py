@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from fl.config import load_config
-from fl.secagg_run import Quorum, share_holders
+from fl.secagg_run import Quorum, RunKeysClient, share_holders
 from fl.simulation import simulate
 from flows.training import federated_training
 from tests.test_flow import _task_runs
@@ -131,6 +131,42 @@ def test_secure_aggregation_flow_recovers_the_sum_and_matches_the_plain_loop(
         if re.search(r"-site-\d+$", t.name) and not t.name.startswith(("stats-", "final-"))
     ]
     assert sorted(names) == sorted(expected)  # each exchange once per client, nothing more
+
+
+def test_a_share_holder_that_does_not_unmask_is_replaced_and_its_update_still_counts(
+    prefect_api, mlflow_uri, monkeypatch
+):
+    config = load_config(
+        None,
+        [
+            "privacy.secure_aggregation=true",
+            "privacy.secagg_committee=5",  # of 10 clients; any 3 holders unmask
+            "rounds.num_rounds=2",
+            "experiment.log_round_models=false",
+        ],
+    )
+    holders = {r: share_holders(range(10), 5, r) for r in (1, 2)}
+    answer = RunKeysClient.unmasking
+
+    def unreachable_first_holder(self, round_num, *args, **kwargs):
+        # A client cannot vanish between two exchanges of a round here: make one.
+        if self.client_id == holders[round_num][0]:
+            raise ConnectionError("unreachable")
+        return answer(self, round_num, *args, **kwargs)
+
+    monkeypatch.setattr(RunKeysClient, "unmasking", unreachable_first_holder)
+    result = federated_training(config)
+    plain = simulate(config)
+    np.testing.assert_allclose(
+        result.coef, plain.params.to_raw(plain.stats).coef, rtol=0, atol=1e-12
+    )
+    # Its masked update is in the sum: it is not reported as left out.
+    assert [(h["clients_ok"], h["clients_failed"]) for h in result.history] == [(10, 0)] * 2
+    flow_run_id = MlflowClient(mlflow_uri).get_run(result.run_id).data.tags["prefect.flow_run_id"]
+    expected = {f"secagg-unmask-r{r:02d}-site-{c}" for r in (1, 2) for c in holders[r][:4]}
+    runs, _ = _task_runs(flow_run_id, expected)
+    asked = {t.name for t in runs if t.name.startswith("secagg-unmask")}
+    assert asked == expected  # three holders, then one more for the one that did not answer
 
 
 def test_secure_aggregation_fails_closed_below_threshold(prefect_api, mlflow_uri):
