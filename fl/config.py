@@ -156,6 +156,14 @@ class PrivacyConfig(_Section):
     secagg_committee: int | Literal["all"] = 40
     """With ``secagg_keys = "run"``: how many of a round's clients hold shares of each self mask
     (a committee drawn afresh every round), or "all" of them."""
+    secagg_keys: Literal["run", "round"] = "run"
+    """"run": each client's key pair is made once per run, then two exchanges per round;
+    "round": Bonawitz et al.'s protocol with fresh keys every round, four exchanges per round,
+    which also recovers a round in which clients drop at both steps."""
+
+    @property
+    def dp(self) -> bool:
+        return self.noise_multiplier is not None or self.target_epsilon is not None
 
     @field_validator("secagg_committee", mode="before")
     @classmethod
@@ -168,15 +176,6 @@ class PrivacyConfig(_Section):
     def committee_size(self) -> int | None:
         """``secagg_committee`` as a number, None for every client of the round."""
         return None if self.secagg_committee == "all" else self.secagg_committee
-
-    secagg_keys: Literal["run", "round"] = "run"
-    """"run": each client's key pair is made once per run, then two exchanges per round;
-    "round": Bonawitz et al.'s protocol with fresh keys every round, four exchanges per round,
-    which also recovers a round in which clients drop at both steps."""
-
-    @property
-    def dp(self) -> bool:
-        return self.noise_multiplier is not None or self.target_epsilon is not None
 
 
 class FaultsConfig(_Section):
