@@ -485,7 +485,8 @@ class RunKeysServer:
         if left < self.quorum.rebuild:
             raise SecAggAbort(
                 f"masked input: only {left} of the {len(self.holders)} share holders left, below "
-                f"the threshold {self.quorum.rebuild}; aborting without revealing anything"
+                f"the threshold {self.quorum.rebuild}; aborting without revealing anything (a "
+                'larger privacy.secagg_committee, or "all", rides out more dropouts)'
             )
         self._inputs = dict(inputs)
         self.survivors_ = sorted(inputs)

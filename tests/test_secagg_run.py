@@ -16,7 +16,7 @@ from fl.secagg_run import (
     share_holders,
     split_seed,
 )
-from tests.test_secagg import _seeds, _top_byte_p_value
+from tests.test_secagg import UNIFORM_P, _seeds, _top_byte_p_value
 
 
 def _clients(n: int, seed: int = 0) -> tuple[dict[int, RunKeysClient], dict]:
@@ -105,7 +105,7 @@ def test_masked_vectors_look_uniform_even_after_the_server_learns_what_it_may(di
     assert dropped == [7]
     responses = {v: clients[v].unmasking(1, survivors, dropped, inboxes[v]) for v in survivors}
     for m in [*inputs.values(), late]:
-        assert _top_byte_p_value(m.masked) > 1e-3, m.client_id
+        assert _top_byte_p_value(m.masked) > UNIFORM_P, m.client_id
     exact = np.sum([vectors[u] for u in survivors], axis=0)
     assert np.max(np.abs(server.unmask(list(responses.values())) - exact)) <= _bound(n, codec)
 
@@ -121,14 +121,14 @@ def test_masked_vectors_look_uniform_even_after_the_server_learns_what_it_may(di
         (seed,) = rebuild_seeds(np.array([shares], dtype=np.int64), xs)
         unmasked[u] = m.masked - prg(seed, dim) - pair_mask(u, 7, responses[u].pair_seeds[7])
         # Still hidden behind the masks shared with the other survivors.
-        assert _top_byte_p_value(unmasked[u]) > 1e-3, u
+        assert _top_byte_p_value(unmasked[u]) > UNIFORM_P, u
     # (Those are the right masks: the survivors' remaining masks cancel in their sum.)
     assert np.max(np.abs(codec.decode(sum(unmasked.values())) - exact)) <= _bound(n, codec)
     # The late input minus every pairwise mask it holds is still hidden behind its self mask,
     # whose shares no client released.
     assert all(7 not in r.self_mask_shares for r in responses.values())
     stripped = late.masked - sum(pair_mask(7, v, responses[v].pair_seeds[7]) for v in survivors)
-    assert _top_byte_p_value(stripped) > 1e-3
+    assert _top_byte_p_value(stripped) > UNIFORM_P
     assert np.max(np.abs(codec.decode(stripped) - vectors[7])) > 1  # not the input
 
 
