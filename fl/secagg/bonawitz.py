@@ -26,8 +26,8 @@ Every step needs at least ``threshold`` clients (t); with fewer the protocol fai
 ``t > n / 2``. Clients are trusted to follow the protocol, and so is the server, which may
 however try to learn from what it sees (honest-but-curious).
 
-This is the ``privacy.secagg_keys = "round"`` protocol; :mod:`fl.secagg_run` (the default) agrees
-keys once per run and needs two exchanges per round instead of four.
+This is the ``privacy.secagg_keys = "round"`` protocol; :mod:`fl.secagg.run_keys` (the default)
+agrees keys once per run and needs two exchanges per round instead of four.
 
 Vectors are summed in fixed point (:class:`FixedPoint`): ``round(x * 2^frac_bits)`` as a
 two's-complement 64-bit integer, so numpy's ``uint64`` arithmetic, which wraps modulo 2^64, is
@@ -36,227 +36,49 @@ the group Z_(2^64).
 
 from __future__ import annotations
 
-import hashlib
-import math
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-MOD_BITS = 64
-"""Masked vectors live in Z_(2^64)."""
-
-FRAC_BITS = 24
-"""Default fixed-point resolution 2^-24 (about 6e-8); each value is rounded to within half of
-it, and with it ``num_clients * bound`` may reach 2^39 (about 5.5e11)."""
-
-SHAMIR_PRIME = 2**521 - 1
-"""The Mersenne prime M521: a 32-byte secret is a single field element, no splitting."""
-
-SUM_STRATEGIES = frozenset({"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "dpfedavg"})
-"""Strategies that need only the sum of client vectors, so can run under secure aggregation."""
-
-ORDER_STATISTIC_STRATEGIES = frozenset({"median", "trimmed_mean", "krum"})
-"""Strategies that need every individual update, which secure aggregation hides."""
-
-
-class SecAggAbort(RuntimeError):
-    """The protocol stopped rather than reveal anything: too few clients, or a bad message."""
-
-
-def require_quorum(count: int, threshold: int, step: str) -> None:
-    """Fail closed, naming ``step``, unless ``count`` clients reach the ``threshold``."""
-    if count < threshold:
-        raise SecAggAbort(
-            f"{step}: only {count} clients left, below the threshold {threshold}; "
-            "aborting without revealing anything"
-        )
-
-
-def supports_secure_aggregation(strategy: str) -> bool:
-    """Whether the strategy named ``strategy`` can aggregate a sum formed by secure
-    aggregation. Unknown names are refused (fail closed)."""
-    return strategy in SUM_STRATEGIES
-
-
-def check_secure_aggregation(strategy: str) -> None:
-    """Raise ``ValueError`` naming ``server.strategy`` unless it is sum-based."""
-    if strategy in ORDER_STATISTIC_STRATEGIES:
-        raise ValueError(
-            f"server.strategy: {strategy!r} uses order statistics of individual updates, "
-            "which secure aggregation hides; use a sum-based strategy "
-            f"({', '.join(sorted(SUM_STRATEGIES))})"
-        )
-    if strategy not in SUM_STRATEGIES:
-        raise ValueError(
-            f"server.strategy: {strategy!r} is not known to be sum-based, so it cannot run "
-            "under secure aggregation"
-        )
-
+from fl.secagg.primitives import (
+    SHAMIR_BYTES,
+    SHAMIR_PRIME,
+    FixedPoint,
+    SecAggAbort,
+    agree,
+    hkdf,
+    id_bytes,
+    lagrange_at_zero,
+    prg,
+    require_quorum,
+    shamir_split,
+    share_point,
+)
 
 # --------------------------------------------------------------------------------------------
-# Fixed-point encoding
-
-
-@dataclass(frozen=True)
-class FixedPoint:
-    """Encoding of float vectors into Z_(2^64) for summing.
-
-    Parameters
-    ----------
-    bound : R; every coordinate of every client's vector must lie in [-R, R].
-    frac_bits : f; values are rounded to multiples of ``2^-f``.
-
-    The sum of ``n`` encoded vectors decodes correctly while ``n * ceil(R * 2^f) < 2^63``
-    (:meth:`check_capacity`); the decoded sum is then within ``n * 2^-f / 2`` of the exact sum.
-    """
-
-    bound: float
-    frac_bits: int = FRAC_BITS
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.bound) and self.bound > 0):
-            raise ValueError(f"bound: must be a positive finite number (got {self.bound!r})")
-        if not 0 <= self.frac_bits <= MOD_BITS - 2:
-            raise ValueError(f"frac_bits: must be in [0, {MOD_BITS - 2}] (got {self.frac_bits!r})")
-
-    @property
-    def resolution(self) -> float:
-        return 2.0**-self.frac_bits
-
-    def check_capacity(self, num_clients: int) -> None:
-        """Raise ``ValueError`` unless the sum of ``num_clients`` vectors cannot overflow."""
-        largest = math.ceil(self.bound * 2**self.frac_bits)
-        if not num_clients * largest < 2 ** (MOD_BITS - 1):
-            raise ValueError(
-                f"secure aggregation would overflow: num_clients * ceil(bound * 2^frac_bits) = "
-                f"{num_clients} * ceil({self.bound} * 2^{self.frac_bits}) = "
-                f"{num_clients * largest:.3e} must be below 2^{MOD_BITS - 1}; lower the bound, "
-                "frac_bits or the number of clients"
-            )
-
-    def encode(self, x: np.ndarray) -> np.ndarray:
-        """``round(x * 2^f)`` as two's-complement ``uint64``."""
-        x = np.asarray(x, dtype=np.float64)
-        if not np.all(np.isfinite(x)):
-            raise ValueError("x: has non-finite values")
-        if np.any(np.abs(x) > self.bound):
-            raise ValueError(
-                f"x: value {float(np.max(np.abs(x)))!r} is outside the secure-aggregation bound "
-                f"[-{self.bound}, {self.bound}]"
-            )
-        return np.rint(np.ldexp(x, self.frac_bits)).astype(np.int64).view(np.uint64)
-
-    def decode(self, v: np.ndarray) -> np.ndarray:
-        """Inverse of :meth:`encode`; also decodes a sum of encodings while
-        :meth:`check_capacity` holds for the number of summands."""
-        return np.ldexp(
-            np.asarray(v, dtype=np.uint64).view(np.int64).astype(np.float64), -self.frac_bits
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# Primitives: PRG, key derivation, Shamir sharing
-
-
-SHAKE_MAX_SIZE = 512
-"""Masks of up to this many values come from SHAKE-128, longer ones from AES-256-CTR: SHAKE
-starts up four times faster, AES-CTR streams three times faster."""
-
-
-def prg(seed: bytes, size: int) -> np.ndarray:
-    """``size`` pseudorandom uint64s expanded from the 32-byte ``seed``: the SHAKE-128 output
-    (``size <= SHAKE_MAX_SIZE``) or the AES-256-CTR keystream. Each seed is used for one mask
-    only, so a fixed nonce is safe."""
-    if size <= SHAKE_MAX_SIZE:
-        return np.frombuffer(hashlib.shake_128(seed).digest(8 * size), dtype=np.uint64)
-    encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-    return np.frombuffer(encryptor.update(bytes(8 * size)), dtype=np.uint64)
-
-
-def _hkdf(material: bytes, info: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(material)
-
-
-def _id_bytes(*ids: int) -> bytes:
-    return b"".join(i.to_bytes(8, "big") for i in ids)
-
-
-def _agree(private: X25519PrivateKey, peer_public: bytes) -> bytes:
-    return private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+# Pairwise masks and share channels
 
 
 def _pair_mask(shared: bytes, u: int, v: int, size: int) -> np.ndarray:
     """The mask ``u`` adds for ``v`` from their agreed secret: ``+PRG(s_uv)`` if ``u < v``,
     else ``-PRG(s_uv)``."""
-    seed = _hkdf(shared, b"fedtune/secagg/pairwise-mask" + _id_bytes(min(u, v), max(u, v)))
+    seed = hkdf(shared, b"fedtune/secagg/pairwise-mask" + id_bytes(min(u, v), max(u, v)))
     mask = prg(seed, size)
     return mask if u < v else np.uint64(0) - mask
 
 
 def _channel(shared: bytes, sender: int, recipient: int) -> AESGCM:
     # One key per direction, each encrypting a single message: a fixed nonce is then safe.
-    return AESGCM(_hkdf(shared, b"fedtune/secagg/share-channel" + _id_bytes(sender, recipient)))
+    return AESGCM(hkdf(shared, b"fedtune/secagg/share-channel" + id_bytes(sender, recipient)))
 
 
 _NONCE = bytes(12)
-_FIELD_BYTES = (SHAMIR_PRIME.bit_length() + 7) // 8
-
-
-def shamir_split(
-    secret: int, threshold: int, xs: Sequence[int], random_bytes: Callable[[int], bytes]
-) -> dict[int, int]:
-    """Shares ``{x: f(x)}`` of ``secret`` for a random polynomial ``f`` of degree
-    ``threshold - 1`` over GF(``SHAMIR_PRIME``) with ``f(0) = secret``."""
-    if not 0 <= secret < SHAMIR_PRIME:
-        raise ValueError("secret: must be a field element")
-    # 16 bytes beyond the field size make the modular reduction's bias negligible (< 2^-120).
-    coeffs = [secret] + [
-        int.from_bytes(random_bytes(_FIELD_BYTES + 16), "big") % SHAMIR_PRIME
-        for _ in range(threshold - 1)
-    ]
-    shares = {}
-    for x in xs:
-        # Horner without reducing at each step: x is small, so acc grows by a few bits per
-        # step, and one reduction at the end halves the time.
-        acc = 0
-        for c in reversed(coeffs):
-            acc = acc * x + c
-        shares[x] = acc % SHAMIR_PRIME
-    return shares
-
-
-def lagrange_at_zero(xs: Sequence[int], prime: int = SHAMIR_PRIME) -> list[int]:
-    """Weights ``l_i`` with ``f(0) = sum_i l_i f(x_i)`` for any ``f`` of degree < len(xs)
-    over GF(``prime``)."""
-    weights = []
-    for i, xi in enumerate(xs):
-        num, den = 1, 1
-        for j, xj in enumerate(xs):
-            if j != i:
-                num = num * xj % prime
-                den = den * (xj - xi) % prime
-        weights.append(num * pow(den, -1, prime) % prime)
-    return weights
-
-
-def shamir_reconstruct(shares: Mapping[int, int], threshold: int) -> int:
-    """The secret from any ``threshold`` of its shares ``{x: f(x)}``."""
-    if len(shares) < threshold:
-        raise SecAggAbort(f"{len(shares)} shares cannot rebuild a secret; need {threshold}")
-    xs = sorted(shares)[:threshold]
-    return sum(w * shares[x] for w, x in zip(lagrange_at_zero(xs), xs, strict=True)) % SHAMIR_PRIME
-
-
-def _share_point(client_id: int) -> int:
-    return client_id + 1  # x = 0 would hand out the secret itself
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,11 +149,11 @@ class SecAggClient:
         seed = secrets.token_bytes(32) if seed is None else seed
         if len(seed) < 32:
             raise ValueError("seed: needs at least 32 bytes")
-        self._channel_key = X25519PrivateKey.from_private_bytes(_hkdf(seed, b"channel-key"))
-        self._mask_key_bytes = _hkdf(seed, b"mask-key")
+        self._channel_key = X25519PrivateKey.from_private_bytes(hkdf(seed, b"channel-key"))
+        self._mask_key_bytes = hkdf(seed, b"mask-key")
         self._mask_key = X25519PrivateKey.from_private_bytes(self._mask_key_bytes)
-        self._self_mask_seed = _hkdf(seed, b"self-mask-seed")
-        self._share_randomness = _hkdf(seed, b"shamir-coefficients")
+        self._self_mask_seed = hkdf(seed, b"self-mask-seed")
+        self._share_randomness = hkdf(seed, b"shamir-coefficients")
         self._public = AdvertisedKeys(
             client_id,
             self._channel_key.public_key().public_bytes_raw(),
@@ -352,11 +174,11 @@ class SecAggClient:
         for peer in roster:
             if peer.client_id == self.client_id:
                 continue
-            x = _share_point(peer.client_id)
-            plaintext = self_mask[x].to_bytes(_FIELD_BYTES, "big") + mask_key[x].to_bytes(
-                _FIELD_BYTES, "big"
+            x = share_point(peer.client_id)
+            plaintext = self_mask[x].to_bytes(SHAMIR_BYTES, "big") + mask_key[x].to_bytes(
+                SHAMIR_BYTES, "big"
             )
-            ids = _id_bytes(self.client_id, peer.client_id)
+            ids = id_bytes(self.client_id, peer.client_id)
             aead = _channel(
                 self._channel_secret(peer.channel_public), self.client_id, peer.client_id
             )
@@ -376,7 +198,7 @@ class SecAggClient:
         masked = encoded + prg(self._self_mask_seed, encoded.shape[0])
         for v in cohort:
             if v != self.client_id:
-                shared = _agree(self._mask_key, keys[v].mask_public)
+                shared = agree(self._mask_key, keys[v].mask_public)
                 masked += _pair_mask(shared, self.client_id, v, encoded.shape[0])
         return masked
 
@@ -408,7 +230,7 @@ class SecAggClient:
             )
         received = self._decrypt(inbox, keys)
         own_self_mask, own_mask_key = self._shares(roster)
-        mine = _share_point(self.client_id)
+        mine = share_point(self.client_id)
         received[self.client_id] = (own_self_mask[mine], own_mask_key[mine])
         return UnmaskingResponse(
             self.client_id,
@@ -419,7 +241,7 @@ class SecAggClient:
     def _channel_secret(self, peer_public: bytes) -> bytes:
         # Both directions of a channel use the same agreement; compute it once.
         if peer_public not in self._channel_secrets:
-            self._channel_secrets[peer_public] = _agree(self._channel_key, peer_public)
+            self._channel_secrets[peer_public] = agree(self._channel_key, peer_public)
         return self._channel_secrets[peer_public]
 
     def _shares(self, roster: Sequence[AdvertisedKeys]) -> tuple[dict[int, int], dict[int, int]]:
@@ -434,7 +256,7 @@ class SecAggClient:
         self, roster: Sequence[AdvertisedKeys]
     ) -> tuple[dict[int, int], dict[int, int]]:
         stream = Cipher(algorithms.AES(self._share_randomness), modes.CTR(bytes(16))).encryptor()
-        xs = [_share_point(k.client_id) for k in roster]
+        xs = [share_point(k.client_id) for k in roster]
 
         def random_bytes(n: int) -> bytes:
             return stream.update(bytes(n))
@@ -488,7 +310,7 @@ class SecAggClient:
             )
             try:
                 plaintext = aead.decrypt(
-                    _NONCE, share.ciphertext, _id_bytes(share.sender, self.client_id)
+                    _NONCE, share.ciphertext, id_bytes(share.sender, self.client_id)
                 )
             except InvalidTag:
                 raise SecAggAbort(
@@ -496,8 +318,8 @@ class SecAggClient:
                     "authentication"
                 ) from None
             received[share.sender] = (
-                int.from_bytes(plaintext[:_FIELD_BYTES], "big"),
-                int.from_bytes(plaintext[_FIELD_BYTES:], "big"),
+                int.from_bytes(plaintext[:SHAMIR_BYTES], "big"),
+                int.from_bytes(plaintext[SHAMIR_BYTES:], "big"),
             )
         return received
 
@@ -582,7 +404,7 @@ class SecAggServer:
             if r.self_mask_shares.keys() != survivors or r.mask_key_shares.keys() != set(dropped):
                 raise SecAggAbort(f"unmasking: client {r.sender} sent the wrong set of shares")
         responders = responders[: self.threshold]
-        xs = [_share_point(r.sender) for r in responders]
+        xs = [share_point(r.sender) for r in responders]
         weights = lagrange_at_zero(xs)
 
         def rebuild(field: str, v: int) -> bytes:
@@ -602,7 +424,7 @@ class SecAggServer:
                 raise SecAggAbort(f"unmasking: the rebuilt mask key of client {v} is wrong")
             # Each survivor u added its mask for v; the same agreement, made from v's side.
             for u in self.survivors_:
-                total -= _pair_mask(_agree(key, keys[u].mask_public), u, v, self.dimension)
+                total -= _pair_mask(agree(key, keys[u].mask_public), u, v, self.dimension)
         return self.codec.decode(total)
 
     def _require(self, count: int, step: str) -> None:

@@ -1,9 +1,9 @@
 """Secure aggregation with keys agreed once per run: two exchanges with the clients per round.
 
-:mod:`fl.secagg` runs Bonawitz et al. (2017) in full every round: fresh keys, shares of them,
-masked input, unmasking, four exchanges. In a flow, where each exchange is one task per client,
-that costs four times the tasks of a plain round, and O(n^2) key agreements every round. This
-variant moves the key agreement to a one-off setup, in the spirit of multi-round protocols
+:mod:`fl.secagg.bonawitz` runs Bonawitz et al. (2017) in full every round: fresh keys, shares of
+them, masked input, unmasking, four exchanges. In a flow, where each exchange is one task per
+client, that costs four times the tasks of a plain round, and O(n^2) key agreements every round.
+This variant moves the key agreement to a one-off setup, in the spirit of multi-round protocols
 such as Flamingo (Ma, Woods, Angel, Polychroniadou and Rabin, 2023, IEEE S&P), and keeps the
 rest of Bonawitz et al.'s design:
 
@@ -49,8 +49,9 @@ each survivor, so they can be removed only if *every* survivor answers the unmas
 A round therefore recovers from clients dropping before the masked input (down to t survivors
 and ``rebuild`` holders) or from survivors not answering the unmasking request (down to
 ``rebuild`` holders), but not from both in the same round:
-that round fails closed (:class:`~fl.secagg.SecAggAbort`) and the model stays as it was. Use
-``privacy.secagg_keys = "round"`` (:mod:`fl.secagg`) where that matters more than speed.
+that round fails closed (:class:`~fl.secagg.primitives.SecAggAbort`) and the model stays as it
+was. Use ``privacy.secagg_keys = "round"`` (:mod:`fl.secagg.bonawitz`) where that matters more
+than speed.
 """
 
 from __future__ import annotations
@@ -70,15 +71,19 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from fl.secagg import (
+from fl.secagg.primitives import (
+    FIELD,
+    LIMBS,
+    MAX_COHORT,
     FixedPoint,
     SecAggAbort,
-    _hkdf,
-    _id_bytes,
-    _share_point,
-    lagrange_at_zero,
+    hkdf,
+    id_bytes,
     prg,
+    rebuild_seeds,
     require_quorum,
+    share_point,
+    split_seed,
 )
 
 _ROUND_TAG = b"fedtune/secagg/round"
@@ -112,62 +117,8 @@ def _signed_masks(plus: list[bytes], minus: list[bytes], size: int) -> np.ndarra
     return total
 
 
-# --------------------------------------------------------------------------------------------
-# Shamir sharing of 32-byte seeds, vectorised: 11 limbs of 24 bits, each shared t-of-n over
-# GF(p) with p = 2^25 - 39, so that a share is 11 small integers and sharing a seed with n
-# clients is one int64 matrix product (n x t Vandermonde times t x 11 coefficients; every sum of
-# t products stays below 2^63 while t <= MAX_COHORT). Each limb has its own random polynomial,
-# so t - 1 shares reveal nothing about any limb.
-
-FIELD = 2**25 - 39
-"""The prime of the self-mask seeds' Shamir shares."""
-MAX_COHORT = 2**13
-"""Largest cohort whose shares the int64 arithmetic can handle exactly."""
-_LIMBS = 11
-_SHARE = struct.Struct(f">{_LIMBS}I")
-
-
-def _to_limbs(seed: bytes) -> np.ndarray:
-    b = np.frombuffer(b"\0" + seed, dtype=np.uint8).reshape(_LIMBS, 3).astype(np.int64)
-    return (b[:, 0] << 16) | (b[:, 1] << 8) | b[:, 2]
-
-
-def _from_limbs(limbs: np.ndarray) -> bytes | None:
-    if limbs[0] >= 2**16 or np.any(limbs >= 2**24):
-        return None  # not a 32-byte seed: the shares were wrong
-    return b"".join(int(v).to_bytes(3, "big") for v in limbs)[1:]
-
-
-def _field_elements(count: int) -> np.ndarray:
-    """``count`` uniform elements of GF(FIELD), by rejection from 25 random bits."""
-    out = np.empty(0, dtype=np.int64)
-    while out.size < count:
-        raw = np.frombuffer(secrets.token_bytes(4 * count), dtype=np.uint32) & (2**25 - 1)
-        out = np.concatenate([out, raw[raw < FIELD].astype(np.int64)])
-    return out[:count]
-
-
-def split_seed(seed: bytes, threshold: int, xs: Sequence[int]) -> np.ndarray:
-    """Shares of ``seed``: row ``i`` is the share for the point ``xs[i]`` (nonzero, distinct,
-    below FIELD)."""
-    if not 2 <= threshold <= MAX_COHORT:
-        raise ValueError(f"threshold: must be between 2 and {MAX_COHORT} (got {threshold})")
-    points = np.asarray(xs, dtype=np.int64)
-    coeffs = np.vstack(
-        [_to_limbs(seed), _field_elements((threshold - 1) * _LIMBS).reshape(-1, _LIMBS)]
-    )
-    powers = np.ones((points.size, threshold), dtype=np.int64)
-    for j in range(1, threshold):
-        powers[:, j] = powers[:, j - 1] * points % FIELD
-    return powers @ coeffs % FIELD
-
-
-def rebuild_seeds(shares: np.ndarray, xs: Sequence[int]) -> list[bytes | None]:
-    """The seeds from ``shares[k, i]``, seed ``k``'s share for the point ``xs[i]``, one row of
-    limbs each; ``None`` where the shares rebuild no 32-byte seed."""
-    weights = np.asarray(lagrange_at_zero(xs, FIELD), dtype=np.int64)
-    limbs = np.einsum("i,kil->kl", weights, shares) % FIELD
-    return [_from_limbs(row) for row in limbs]
+_SHARE = struct.Struct(f">{LIMBS}I")
+"""A self-mask seed share on the wire: its limbs, 4 bytes each."""
 
 
 def _commit(seed: bytes) -> bytes:
@@ -293,7 +244,7 @@ class RunKeysClient:
         if len(seed) < 32:
             raise ValueError("seed: needs at least 32 bytes")
         self.client_id = client_id
-        self._key = X25519PrivateKey.from_private_bytes(_hkdf(seed, b"run-key"))
+        self._key = X25519PrivateKey.from_private_bytes(hkdf(seed, b"run-key"))
         self._public = PublicKey(client_id, self._key.public_key().public_bytes_raw())
         self._pair_keys: dict[bytes, bytes] = {}
         self._pending: dict[int, _Pending] = {}
@@ -338,7 +289,7 @@ class RunKeysClient:
         shares = dict(
             zip(
                 holders,
-                split_seed(self_seed, quorum.rebuild, [_share_point(v) for v in holders]),
+                split_seed(self_seed, quorum.rebuild, [share_point(v) for v in holders]),
                 strict=True,
             )
         )
@@ -419,8 +370,8 @@ class RunKeysClient:
         pair_key = self._pair_keys.get(public)
         if pair_key is None:
             shared = self._key.exchange(X25519PublicKey.from_public_bytes(public))
-            ids = _id_bytes(min(peer, self.client_id), max(peer, self.client_id))
-            pair_key = _hkdf(shared, b"fedtune/secagg/run-pair-key" + ids)
+            ids = id_bytes(min(peer, self.client_id), max(peer, self.client_id))
+            pair_key = hkdf(shared, b"fedtune/secagg/run-pair-key" + ids)
             self._pair_keys[public] = pair_key
         return pair_key
 
@@ -450,7 +401,7 @@ class RunKeysServer:
         require_quorum(len(self.cohort), quorum.survivors, "cohort")
         if not quorum.fits(len(self.cohort)):
             raise ValueError(f"{quorum} does not fit a cohort of {len(self.cohort)}")
-        if len(self.cohort) > MAX_COHORT or _share_point(self.cohort[-1]) >= FIELD:
+        if len(self.cohort) > MAX_COHORT or share_point(self.cohort[-1]) >= FIELD:
             raise ValueError(
                 f"cohort: at most {MAX_COHORT} clients with ids below {FIELD - 1} "
                 f"(got {len(self.cohort)}, largest id {self.cohort[-1]})"
@@ -542,7 +493,7 @@ class RunKeysServer:
             )
         except struct.error:
             raise SecAggAbort("unmasking: a self-mask share is malformed") from None
-        seeds = rebuild_seeds(shares, [_share_point(v) for v in responders])
+        seeds = rebuild_seeds(shares, [share_point(v) for v in responders])
         total = np.zeros(self.dimension, dtype=np.uint64)
         for u, seed in zip(self.survivors_, seeds, strict=True):
             if seed is None or not hmac.compare_digest(_commit(seed), self._inputs[u].commitment):

@@ -1,0 +1,249 @@
+"""Building blocks of secure aggregation, shared by :mod:`fl.secagg.bonawitz` and
+:mod:`fl.secagg.run_keys`: failing closed, fixed-point encoding into Z_(2^64), the PRG that
+expands mask seeds, key derivation and agreement, and Shamir sharing (of secrets over
+GF(2^521 - 1), and of 32-byte seeds, vectorised, over a small prime).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+MOD_BITS = 64
+"""Masked vectors live in Z_(2^64)."""
+
+FRAC_BITS = 24
+"""Default fixed-point resolution 2^-24 (about 6e-8); each value is rounded to within half of
+it, and with it ``num_clients * bound`` may reach 2^39 (about 5.5e11)."""
+
+SHAMIR_PRIME = 2**521 - 1
+"""The Mersenne prime M521: a 32-byte secret is a single field element, no splitting."""
+
+
+class SecAggAbort(RuntimeError):
+    """The protocol stopped rather than reveal anything: too few clients, or a bad message."""
+
+
+def require_quorum(count: int, threshold: int, step: str) -> None:
+    """Fail closed, naming ``step``, unless ``count`` clients reach the ``threshold``."""
+    if count < threshold:
+        raise SecAggAbort(
+            f"{step}: only {count} clients left, below the threshold {threshold}; "
+            "aborting without revealing anything"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Fixed-point encoding
+
+
+@dataclass(frozen=True)
+class FixedPoint:
+    """Encoding of float vectors into Z_(2^64) for summing.
+
+    Parameters
+    ----------
+    bound : R; every coordinate of every client's vector must lie in [-R, R].
+    frac_bits : f; values are rounded to multiples of ``2^-f``.
+
+    The sum of ``n`` encoded vectors decodes correctly while ``n * ceil(R * 2^f) < 2^63``
+    (:meth:`check_capacity`); the decoded sum is then within ``n * 2^-f / 2`` of the exact sum.
+    """
+
+    bound: float
+    frac_bits: int = FRAC_BITS
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.bound) and self.bound > 0):
+            raise ValueError(f"bound: must be a positive finite number (got {self.bound!r})")
+        if not 0 <= self.frac_bits <= MOD_BITS - 2:
+            raise ValueError(f"frac_bits: must be in [0, {MOD_BITS - 2}] (got {self.frac_bits!r})")
+
+    @property
+    def resolution(self) -> float:
+        return 2.0**-self.frac_bits
+
+    def check_capacity(self, num_clients: int) -> None:
+        """Raise ``ValueError`` unless the sum of ``num_clients`` vectors cannot overflow."""
+        largest = math.ceil(self.bound * 2**self.frac_bits)
+        if not num_clients * largest < 2 ** (MOD_BITS - 1):
+            raise ValueError(
+                f"secure aggregation would overflow: num_clients * ceil(bound * 2^frac_bits) = "
+                f"{num_clients} * ceil({self.bound} * 2^{self.frac_bits}) = "
+                f"{num_clients * largest:.3e} must be below 2^{MOD_BITS - 1}; lower the bound, "
+                "frac_bits or the number of clients"
+            )
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """``round(x * 2^f)`` as two's-complement ``uint64``."""
+        x = np.asarray(x, dtype=np.float64)
+        if not np.all(np.isfinite(x)):
+            raise ValueError("x: has non-finite values")
+        if np.any(np.abs(x) > self.bound):
+            raise ValueError(
+                f"x: value {float(np.max(np.abs(x)))!r} is outside the secure-aggregation bound "
+                f"[-{self.bound}, {self.bound}]"
+            )
+        return np.rint(np.ldexp(x, self.frac_bits)).astype(np.int64).view(np.uint64)
+
+    def decode(self, v: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`encode`; also decodes a sum of encodings while
+        :meth:`check_capacity` holds for the number of summands."""
+        return np.ldexp(
+            np.asarray(v, dtype=np.uint64).view(np.int64).astype(np.float64), -self.frac_bits
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Primitives: PRG, key derivation, Shamir sharing
+
+
+SHAKE_MAX_SIZE = 512
+"""Masks of up to this many values come from SHAKE-128, longer ones from AES-256-CTR: SHAKE
+starts up four times faster, AES-CTR streams three times faster."""
+
+
+def prg(seed: bytes, size: int) -> np.ndarray:
+    """``size`` pseudorandom uint64s expanded from the 32-byte ``seed``: the SHAKE-128 output
+    (``size <= SHAKE_MAX_SIZE``) or the AES-256-CTR keystream. Each seed is used for one mask
+    only, so a fixed nonce is safe."""
+    if size <= SHAKE_MAX_SIZE:
+        return np.frombuffer(hashlib.shake_128(seed).digest(8 * size), dtype=np.uint64)
+    encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
+    return np.frombuffer(encryptor.update(bytes(8 * size)), dtype=np.uint64)
+
+
+def hkdf(material: bytes, info: bytes) -> bytes:
+    """32 bytes derived from ``material`` for the purpose ``info`` (HKDF-SHA256, no salt)."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(material)
+
+
+def id_bytes(*ids: int) -> bytes:
+    """Client ids as 8-byte big-endian integers, to bind derived keys to the parties."""
+    return b"".join(i.to_bytes(8, "big") for i in ids)
+
+
+def agree(private: X25519PrivateKey, peer_public: bytes) -> bytes:
+    """The X25519 shared secret of ``private`` and the raw public key ``peer_public``."""
+    return private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+
+
+SHAMIR_BYTES = (SHAMIR_PRIME.bit_length() + 7) // 8
+"""Bytes of one element of GF(``SHAMIR_PRIME``)."""
+
+
+def shamir_split(
+    secret: int, threshold: int, xs: Sequence[int], random_bytes: Callable[[int], bytes]
+) -> dict[int, int]:
+    """Shares ``{x: f(x)}`` of ``secret`` for a random polynomial ``f`` of degree
+    ``threshold - 1`` over GF(``SHAMIR_PRIME``) with ``f(0) = secret``."""
+    if not 0 <= secret < SHAMIR_PRIME:
+        raise ValueError("secret: must be a field element")
+    # 16 bytes beyond the field size make the modular reduction's bias negligible (< 2^-120).
+    coeffs = [secret] + [
+        int.from_bytes(random_bytes(SHAMIR_BYTES + 16), "big") % SHAMIR_PRIME
+        for _ in range(threshold - 1)
+    ]
+    shares = {}
+    for x in xs:
+        # Horner without reducing at each step: x is small, so acc grows by a few bits per
+        # step, and one reduction at the end halves the time.
+        acc = 0
+        for c in reversed(coeffs):
+            acc = acc * x + c
+        shares[x] = acc % SHAMIR_PRIME
+    return shares
+
+
+def lagrange_at_zero(xs: Sequence[int], prime: int = SHAMIR_PRIME) -> list[int]:
+    """Weights ``l_i`` with ``f(0) = sum_i l_i f(x_i)`` for any ``f`` of degree < len(xs)
+    over GF(``prime``)."""
+    weights = []
+    for i, xi in enumerate(xs):
+        num, den = 1, 1
+        for j, xj in enumerate(xs):
+            if j != i:
+                num = num * xj % prime
+                den = den * (xj - xi) % prime
+        weights.append(num * pow(den, -1, prime) % prime)
+    return weights
+
+
+def shamir_reconstruct(shares: Mapping[int, int], threshold: int) -> int:
+    """The secret from any ``threshold`` of its shares ``{x: f(x)}``."""
+    if len(shares) < threshold:
+        raise SecAggAbort(f"{len(shares)} shares cannot rebuild a secret; need {threshold}")
+    xs = sorted(shares)[:threshold]
+    return sum(w * shares[x] for w, x in zip(lagrange_at_zero(xs), xs, strict=True)) % SHAMIR_PRIME
+
+
+def share_point(client_id: int) -> int:
+    """The Shamir evaluation point of a client's share."""
+    return client_id + 1  # x = 0 would hand out the secret itself
+
+
+# --------------------------------------------------------------------------------------------
+# Shamir sharing of 32-byte seeds, vectorised: 11 limbs of 24 bits, each shared t-of-n over
+# GF(p) with p = 2^25 - 39, so that a share is 11 small integers and sharing a seed with n
+# clients is one int64 matrix product (n x t Vandermonde times t x 11 coefficients; every sum of
+# t products stays below 2^63 while t <= MAX_COHORT). Each limb has its own random polynomial,
+# so t - 1 shares reveal nothing about any limb.
+
+FIELD = 2**25 - 39
+"""The prime of the self-mask seeds' Shamir shares."""
+MAX_COHORT = 2**13
+"""Largest cohort whose shares the int64 arithmetic can handle exactly."""
+LIMBS = 11
+"""A seed share is this many elements of GF(``FIELD``), one per 24-bit limb of the seed."""
+
+
+def _to_limbs(seed: bytes) -> np.ndarray:
+    b = np.frombuffer(b"\0" + seed, dtype=np.uint8).reshape(LIMBS, 3).astype(np.int64)
+    return (b[:, 0] << 16) | (b[:, 1] << 8) | b[:, 2]
+
+
+def _from_limbs(limbs: np.ndarray) -> bytes | None:
+    if limbs[0] >= 2**16 or np.any(limbs >= 2**24):
+        return None  # not a 32-byte seed: the shares were wrong
+    return b"".join(int(v).to_bytes(3, "big") for v in limbs)[1:]
+
+
+def _field_elements(count: int) -> np.ndarray:
+    """``count`` uniform elements of GF(FIELD), by rejection from 25 random bits."""
+    out = np.empty(0, dtype=np.int64)
+    while out.size < count:
+        raw = np.frombuffer(secrets.token_bytes(4 * count), dtype=np.uint32) & (2**25 - 1)
+        out = np.concatenate([out, raw[raw < FIELD].astype(np.int64)])
+    return out[:count]
+
+
+def split_seed(seed: bytes, threshold: int, xs: Sequence[int]) -> np.ndarray:
+    """Shares of ``seed``: row ``i`` is the share for the point ``xs[i]`` (nonzero, distinct,
+    below FIELD)."""
+    if not 2 <= threshold <= MAX_COHORT:
+        raise ValueError(f"threshold: must be between 2 and {MAX_COHORT} (got {threshold})")
+    points = np.asarray(xs, dtype=np.int64)
+    coeffs = np.vstack(
+        [_to_limbs(seed), _field_elements((threshold - 1) * LIMBS).reshape(-1, LIMBS)]
+    )
+    powers = np.ones((points.size, threshold), dtype=np.int64)
+    for j in range(1, threshold):
+        powers[:, j] = powers[:, j - 1] * points % FIELD
+    return powers @ coeffs % FIELD
+
+
+def rebuild_seeds(shares: np.ndarray, xs: Sequence[int]) -> list[bytes | None]:
+    """The seeds from ``shares[k, i]``, seed ``k``'s share for the point ``xs[i]``, one row of
+    limbs each; ``None`` where the shares rebuild no 32-byte seed."""
+    weights = np.asarray(lagrange_at_zero(xs, FIELD), dtype=np.int64)
+    limbs = np.einsum("i,kil->kl", weights, shares) % FIELD
+    return [_from_limbs(row) for row in limbs]
