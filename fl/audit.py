@@ -20,8 +20,8 @@ import numpy as np
 from fl.config import FLConfig
 from fl.data import ClientRef, central_test_set, open_client, registry
 from fl.params import ModelParams
-from fl.privacy import plan_privacy, sample_round
-from fl.rounds import clients_per_round
+from fl.privacy.plan import plan_privacy
+from fl.rounds import sample_round
 
 _HELD_OUT_SEED_OFFSET = 1_000_003
 
@@ -112,10 +112,10 @@ def member_indices(config: FLConfig, num_clients: int, rounds: int) -> list[int]
     """The clients that trained in at least one of the first ``rounds`` rounds (replaying the
     run's seeded sampling)."""
     plan = plan_privacy(config, num_clients)
-    k = clients_per_round(config.rounds, num_clients)
+    q = None if plan is None else plan.sampling_rate
     seen: set[int] = set()
     for r in range(1, rounds + 1):
-        seen.update(sample_round(plan, num_clients, k, config.experiment.seed, r))
+        seen.update(sample_round(config.rounds, config.experiment.seed, q, num_clients, r))
     return sorted(seen)
 
 

@@ -22,53 +22,80 @@ from pydantic import (
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class ExperimentConfig(_Section):
+    """The MLflow experiment and run, the seed, and the model's lifecycle: registering, fine-tuning
+    from a previous model, promoting a champion (see docs/operations.md)."""
+
     name: str = "fedtune"
-    """MLflow experiment name."""
+    """MLflow experiment (created if missing)."""
     run_name: str | None = None
+    """MLflow run name (MLflow picks one if unset)."""
     seed: int = Field(0, ge=0)
+    """Seeds sampling, partitioning, local splits and client shuffling."""
     register_as: str | None = None
-    """If set, the final model is registered under this Model Registry name, and becomes its
-    ``champion`` when it beats the current one by ``promote_margin``."""
+    """Register the final model under this Model Registry name; it becomes the ``champion`` alias
+    when it beats the current champion by ``promote_margin``."""
     init_model: str | None = None
     """Fine-tune from this model: an MLflow model URI (``models:/NAME@champion``,
     ``models:/m-...``, ``runs:/RUN_ID/...``) or a previous fedtune run id. Its coefficients
-    start training and its feature statistics are kept."""
+    start training and its feature statistics are kept; a model with a different number of
+    features is refused."""
     promote_margin: float = Field(0.0, ge=0, lt=1)
     """The challenger replaces the champion when its federated MSE is lower by at least this
     fraction of the champion's."""
     tracking_uri: str | None = None
-    """MLflow tracking URI; default: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``."""
+    """MLflow tracking URI; else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``."""
     log_round_models: bool = True
+    """Log each round's global model as an MLflow logged model."""
 
 
 class DataConfig(_Section):
+    """Where the clients' data comes from. ``synthetic`` and ``diabetes`` are simulated sources,
+    split into ``num_clients`` clients; ``files`` reads one file per client. ``path`` is required
+    with ``files``; ``true_coef`` needs ``num_features`` values; ``num_features`` applies to the
+    synthetic source only.
+
+    Files are read in chunks of ``client.chunk_size`` rows (``partial_fit`` per chunk), so a
+    client's file need not fit in memory. A bad file gives one line naming the client, the file
+    and the row or column (missing target, non-numeric value, NaN/inf, empty, unreadable or
+    truncated file, constant target, duplicate client id), and that client is left out (see
+    docs/operations.md)."""
+
     source: Literal["synthetic", "diabetes", "files"] = "synthetic"
+    """``synthetic``, ``diabetes`` (scikit-learn's bundled data, raw units) or ``files``."""
     path: str | None = None
-    """Directory with one CSV/Parquet file per client (``files`` source)."""
+    """``files``: directory with one ``.csv`` or ``.parquet`` file per client; the file stem is
+    the client id."""
     target: str = "y"
-    """Target column (``files`` source)."""
+    """``files``: the target column; every other column is a numeric feature."""
     num_clients: int = Field(10, ge=1)
+    """Simulated sources: number of clients."""
     samples_per_client: int = Field(100, ge=2)
+    """``synthetic``: rows per client (on average, with ``dirichlet``)."""
     num_features: int = Field(1, ge=1)
+    """``synthetic``: features, each ``N(0, 1)``."""
     true_coef: tuple[float, ...] | None = None
-    """Synthetic weights; default 2.0 for every feature."""
+    """``synthetic``: the true weights, e.g. ``[2.0, -1.0]``; unset: 2.0 for every feature."""
     true_intercept: float = 1.0
+    """``synthetic``: the true intercept."""
     noise: float = Field(0.1, ge=0)
+    """``synthetic``: std of the Gaussian noise."""
     central_test_size: int = Field(1000, ge=0)
-    """Rows of the synthetic held-out set used for central evaluation."""
+    """``synthetic``: rows of the server's held-out set, used for central evaluation."""
     holdout_fraction: float = Field(0.2, ge=0, lt=1)
-    """Fraction of the diabetes data held out for central evaluation."""
+    """``diabetes``: fraction of the data held out centrally, for central evaluation."""
     partition: Literal["iid", "dirichlet", "label-skew"] = "iid"
+    """Simulated sources: ``iid``, ``dirichlet`` (quantity skew) or ``label-skew`` (target
+    skew)."""
     alpha: float = Field(0.5, gt=0)
-    """Dirichlet concentration (smaller: more quantity skew)."""
+    """``dirichlet``: concentration; smaller is more skewed."""
     strictness: float = Field(0.8, ge=0, le=1)
-    """Label skew: 0 is IID, 1 gives each client a contiguous range of the sorted target."""
+    """``label-skew``: 0 is IID, 1 gives each client a contiguous range of the sorted target."""
     test_fraction: float = Field(0.2, ge=0, lt=1)
-    """Fraction of each client's rows kept as its local test split."""
+    """Fraction of each client's rows kept as its local test split (seeded)."""
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -86,19 +113,32 @@ class DataConfig(_Section):
 
 
 class RoundsConfig(_Section):
+    """How many rounds, which clients take part, when to stop early, and what a round needs.
+    Set either ``clients_per_round`` or ``fraction``, not both; with a simulated source
+    ``clients_per_round`` is at most ``data.num_clients``. Failures: docs/operations.md."""
+
     num_rounds: int = Field(20, ge=1)
+    """Rounds to run (at most)."""
     clients_per_round: int | None = Field(None, ge=1)
-    """Clients sampled per round; default: all (or ``fraction``)."""
+    """Clients sampled per round (seeded, without replacement); unset: all (or ``fraction``)."""
     fraction: float | None = Field(None, gt=0, le=1)
+    """Alternatively, the fraction of clients per round (at least one). Under DP, the rate q of
+    Poisson sampling (see docs/privacy.md)."""
     tolerance: float = Field(0.0, ge=0)
     """Early stopping: minimum relative improvement of federated eval MSE."""
     patience: int | None = Field(None, ge=1)
-    """Early stopping: rounds without ``tolerance`` improvement before stopping; None disables."""
+    """Early stopping: rounds without ``tolerance`` improvement before stopping; unset never
+    stops."""
     min_clients: int = Field(1, ge=1)
-    """A round needs at least this many usable updates; otherwise it fails and the global
-    model stays as it was (without DP)."""
+    """A round with fewer usable updates fails: a warning, ``round_failed = 1`` in its metrics,
+    the global model stays as it was, and training goes on. If no round succeeds, the run fails
+    (exit 1) with the first reason. Applies with and without secure aggregation; under DP it
+    must stay 1, because a DP round's number of clients is private (an empty Poisson sample
+    still adds noise)."""
     round_timeout_s: float | None = Field(None, gt=0)
-    """Clients that have not returned this long after the round started are left out of it."""
+    """A client that has not returned this long after its round started is left out
+    (``clients_timed_out``). The flow keeps this deadline, not Prefect's ``timeout_seconds``;
+    under secure aggregation it applies to the masked updates (see docs/operations.md)."""
 
     @model_validator(mode="after")
     def _check(self) -> RoundsConfig:
@@ -108,58 +148,86 @@ class RoundsConfig(_Section):
 
 
 class ClientConfig(_Section):
+    """The local ``SGDRegressor`` each client trains, and the retries of a client's task."""
+
     loss: Literal["squared_error", "huber", "epsilon_insensitive"] = "squared_error"
+    """The ``SGDRegressor`` loss."""
     penalty: Literal["l2", "l1", "elasticnet"] | None = "l2"
+    """The regularisation term, or none."""
     alpha: float = Field(1e-4, ge=0)
+    """Regularisation strength."""
     learning_rate: Literal["constant", "optimal", "invscaling", "adaptive"] = "invscaling"
+    """The learning-rate schedule."""
     eta0: float = Field(0.01, gt=0)
+    """Initial learning rate."""
     power_t: float = 0.25
+    """``invscaling`` exponent."""
     local_epochs: int = Field(1, ge=1)
+    """Passes over the local data per round."""
     chunk_size: int = Field(1024, ge=1)
-    """Rows per ``partial_fit`` call; files are read in chunks of this size."""
+    """Rows per ``partial_fit`` call (and per file read)."""
     shuffle: bool = True
+    """Shuffle within each chunk, every epoch."""
     retries: int = Field(0, ge=0)
     """Prefect retries of a failed client task (data errors are not retried)."""
     retry_delay_s: float = Field(0.0, ge=0)
+    """Seconds between those retries."""
     personalize_epochs: int = Field(0, ge=0)
     """After the last round every client fine-tunes the final model locally for this many
     epochs and reports its test MSE before and after (0: no personalization report)."""
 
 
 class ServerConfig(_Section):
+    """How the server screens client updates and aggregates them."""
+
     strategy: Literal["fedavg"] = "fedavg"
-    weighting: Literal["num_examples", "uniform"] = "num_examples"
+    """Aggregation strategy: FedAvg (McMahan et al., 2017)."""
+    weighting: Literal["num_examples", "uniform"] | None = None
+    """How the strategy weighs each client's update: by its training examples
+    (``"num_examples"``, FedAvg's choice, the default without DP; under secure aggregation the
+    counts are summed masked) or equally (``"uniform"``, the default and the only choice under
+    DP, where an example count would be private and unbounded)."""
     max_update_norm: float | None = Field(None, gt=0)
     """Reject a client's update whose L2 distance from the global model (standardised units)
     exceeds this. Non-finite updates are always rejected."""
 
 
 class PrivacyConfig(_Section):
-    """Client-level DP-FedAvg and secure aggregation (see README, "Privacy")."""
+    """Client-level DP-FedAvg and secure aggregation (see docs/privacy.md). DP is on when
+    ``noise_multiplier`` or ``target_epsilon`` is set. A privacy plan that cannot work (e.g.
+    adaptive clipping with too little noise left for the update sum) is refused before any
+    round, naming the key. Secure aggregation refuses order-statistic strategies."""
 
     noise_multiplier: float | None = Field(None, ge=0)
-    """z: Gaussian noise std relative to the clip norm. Setting it (or target_epsilon) turns DP
-    on."""
+    """z: Gaussian noise std relative to the clip norm. Setting it (or ``target_epsilon``) turns
+    on DP-FedAvg."""
     target_epsilon: float | None = Field(None, gt=0)
-    """The privacy budget: training stops before a round that would exceed it. Without
-    noise_multiplier, z is calibrated so that the planned rounds spend at most this."""
+    """The ε budget: training stops before a round that would exceed it. Without
+    ``noise_multiplier``, z is calibrated so that the planned rounds spend at most this."""
     delta: float = Field(1e-5, gt=0, lt=1)
+    """δ at which ε is reported (keep it below 1 / number of clients)."""
     clipping_norm: float = Field(1.0, gt=0)
-    """C: L2 bound on one client's update (the initial C with adaptive clipping)."""
+    """C: L2 bound on one client's update, in standardised units (the starting C with adaptive
+    clipping)."""
     adaptive_clipping: bool = False
+    """Move C towards the ``target_unclipped_quantile`` of update norms (Andrew et al., 2021)."""
     target_unclipped_quantile: float = Field(0.5, gt=0, lt=1)
+    """γ: the fraction of updates that should fit under C."""
     clip_learning_rate: float = Field(0.2, ge=0)
+    """η_C: step of the geometric update of C."""
     secure_aggregation: bool = False
+    """Clients send masked updates; the server recovers only their sum."""
     secagg_threshold: float = Field(0.6, gt=0.5, le=1)
-    """Fraction of a round's clients that must survive for its sum to be revealed, and of the
-    share holders whose shares rebuild a self mask."""
+    """Fraction of a round's clients (more than half) that must survive for their sum to be
+    revealed, and of the share holders whose shares rebuild a self mask."""
     secagg_committee: int | Literal["all"] = 40
-    """With ``secagg_keys = "run"``: how many of a round's clients hold shares of each self mask
-    (a committee drawn afresh every round), or "all" of them."""
+    """With ``secagg_keys = "run"``: how many of a round's clients (at least 2) hold shares of
+    each self mask (a committee drawn afresh every round; all of them in a smaller round), or
+    ``"all"`` of them."""
     secagg_keys: Literal["run", "round"] = "run"
-    """"run": each client's key pair is made once per run, then two exchanges per round;
-    "round": Bonawitz et al.'s protocol with fresh keys every round, four exchanges per round,
-    which also recovers a round in which clients drop at both steps."""
+    """``"run"``: each client's key pair is made once per run, then two exchanges per round;
+    ``"round"``: Bonawitz et al.'s protocol with fresh keys every round, four exchanges per
+    round, which also recovers from dropouts at every step."""
 
     @property
     def dp(self) -> bool:
@@ -182,17 +250,20 @@ class FaultsConfig(_Section):
     """Injected faults, for simulations and tests of failure handling (seeded)."""
 
     crash_probability: float = Field(0.0, ge=0, lt=1)
-    """Each client update crashes with this probability (per round and attempt)."""
+    """Each client update crashes with this probability (a fresh draw per round and retry)."""
     always_fail: tuple[str, ...] = ()
     """Client ids whose every update fails."""
     nan_clients: tuple[str, ...] = ()
-    """Client ids that send NaN coefficients (the server must never average them in)."""
+    """Client ids that send NaN coefficients (rejected by the server, never averaged in)."""
     slow_clients: tuple[str, ...] = ()
+    """Client ids whose updates take ``slowdown_s`` longer."""
     slowdown_s: float = Field(0.0, ge=0)
     """Extra seconds each update of a ``slow_clients`` client takes."""
 
 
 class FLConfig(_Section):
+    """The whole configuration: one section per TOML table."""
+
     experiment: ExperimentConfig = ExperimentConfig()
     data: DataConfig = DataConfig()
     rounds: RoundsConfig = RoundsConfig()
@@ -211,10 +282,14 @@ class FLConfig(_Section):
             )
         if self.data.source == "diabetes" and self.data.num_features != 1:
             raise ValueError("data.num_features: applies to the synthetic source only")
-        if self.privacy.secure_aggregation:
-            from fl.secagg import check_secure_aggregation
+        if self.privacy.dp and self.rounds.min_clients != 1:
+            raise ValueError(
+                "rounds.min_clients: must be 1 under DP (a round's number of clients is private; "
+                f"an empty round adds noise only) (got {self.rounds.min_clients})"
+            )
+        from fl.strategies import check_strategy
 
-            check_secure_aggregation(self.server.strategy)
+        check_strategy(self)
         return self
 
     @property

@@ -109,3 +109,22 @@ def pooled_baseline(data, seed: int) -> float | None:
     if held_out is None:
         return None
     return ols_baseline(*pooled_train(data, seed), *held_out)
+
+
+def personalization_metrics(reports: list) -> dict[str, float]:
+    """Per-client and example-weighted test MSE of the final model before and after each
+    client's local fine-tune (:class:`fl.client.FinalReport`); ``personalized_gain`` is the
+    relative drop of the weighted MSE."""
+    tuned = [r for r in reports if r.personalized is not None]
+    metrics: dict[str, float] = {}
+    for rep in tuned:
+        metrics[f"personalized/{rep.client_id}/mse_before"] = rep.evaluation.metrics()["mse"]
+        metrics[f"personalized/{rep.client_id}/mse_after"] = rep.personalized.metrics()["mse"]
+    before = EvalSums.merge_all(r.evaluation for r in tuned)
+    after = EvalSums.merge_all(r.personalized for r in tuned)
+    if before.n:
+        b, a = before.metrics()["mse"], after.metrics()["mse"]
+        metrics.update(
+            personalized_mse_before=b, personalized_mse_after=a, personalized_gain=(b - a) / b
+        )
+    return metrics

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -21,8 +22,15 @@ class InjectedFault(RuntimeError):
     """A simulated client failure (transient: worth a retry)."""
 
 
-def inject(faults: FaultsConfig, seed: int, round_num: int, client_id: str, attempt: int = 1):
-    """Raise or delay as ``faults`` says for this client, round and attempt."""
+def inject(
+    faults: FaultsConfig,
+    seed: int,
+    round_num: int,
+    client_id: str,
+    attempt: int = 1,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Raise or delay (with ``sleep``) as ``faults`` says for this client, round and attempt."""
     if client_id in faults.always_fail:
         raise InjectedFault(f"client {client_id!r}: configured to always fail")
     if faults.crash_probability:
@@ -30,7 +38,7 @@ def inject(faults: FaultsConfig, seed: int, round_num: int, client_id: str, atte
         if np.random.default_rng(np.random.SeedSequence(key)).random() < faults.crash_probability:
             raise InjectedFault(f"client {client_id!r}: simulated crash (round {round_num})")
     if faults.slowdown_s and client_id in faults.slow_clients:
-        time.sleep(faults.slowdown_s)
+        sleep(faults.slowdown_s)
 
 
 def corrupt(faults: FaultsConfig, update: ClientUpdate) -> ClientUpdate:
@@ -49,10 +57,11 @@ def train(
     cfg: ClientConfig,
     round_num: int,
     attempt: int = 1,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> ClientUpdate:
-    """:func:`fl.client.train`, failing, slowed or corrupted as ``faults`` (if any) says for
-    this client, round and attempt."""
+    """:func:`fl.client.train`, failing, slowed (through ``sleep``) or corrupted as ``faults``
+    (if any) says for this client, round and attempt."""
     if faults is None:
         return client.train(ref, global_params, stats, cfg, round_num)
-    inject(faults, ref.seed, round_num, ref.client_id, attempt)
+    inject(faults, ref.seed, round_num, ref.client_id, attempt, sleep)
     return corrupt(faults, client.train(ref, global_params, stats, cfg, round_num))

@@ -146,7 +146,7 @@ class MaskedUpdate:
     client_id: str
     masked: Any
     """The masked vector (``privacy.secagg_keys = "round"``), or a
-    :class:`fl.secagg_run.MaskedInput` that carries it with the client's encrypted shares."""
+    :class:`fl.secagg.run_keys.MaskedInput` that carries it with the client's encrypted shares."""
     num_examples: int
     metrics: dict[str, float]
     evaluation: EvalSums | None = None

@@ -1,4 +1,8 @@
-"""The round schedule: seeded client sampling and early stopping."""
+"""The round schedule: which clients a round samples, and when training stops early.
+
+Sampling depends only on the seed and the round, so a resumed run samples exactly as an
+uninterrupted one and the membership audit can replay it.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import numpy as np
 from fl.config import RoundsConfig
 
 _STREAM_SAMPLING = 31
+_STREAM_POISSON = 32
 
 
 def clients_per_round(cfg: RoundsConfig, num_clients: int) -> int:
@@ -34,6 +39,30 @@ def sample_clients(num_clients: int, k: int, seed: int, round_num: int) -> list[
     return sorted(int(i) for i in rng.choice(num_clients, size=k, replace=False))
 
 
+def poisson_sample(num_clients: int, sampling_rate: float, seed: int, round_num: int) -> list[int]:
+    """Indices of the clients of round ``round_num``, each included independently with
+    probability ``sampling_rate``: the sampling DP's accountant assumes.
+
+    The sample may be empty; the round must still be run (noise only), because skipping it would
+    reveal that nobody was sampled, which the accountant does not cover.
+    """
+    if not 0 < sampling_rate <= 1:
+        raise ValueError(f"sampling_rate: must be in (0, 1] (got {sampling_rate!r})")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _STREAM_POISSON, round_num]))
+    return [int(i) for i in np.flatnonzero(rng.random(num_clients) < sampling_rate)]
+
+
+def sample_round(
+    cfg: RoundsConfig, seed: int, sampling_rate: float | None, num_clients: int, round_num: int
+) -> list[int]:
+    """The indices of round ``round_num``'s clients: Poisson sampling at ``sampling_rate``
+    under DP (what the accountant assumes), else :func:`clients_per_round` of them without
+    replacement. The engine samples with it, and the membership audit replays it."""
+    if sampling_rate is not None:
+        return poisson_sample(num_clients, sampling_rate, seed, round_num)
+    return sample_clients(num_clients, clients_per_round(cfg, num_clients), seed, round_num)
+
+
 class EarlyStopping:
     """Stop when the monitored loss has improved by less than ``tolerance`` (relative) for
     ``patience`` consecutive rounds. ``patience=None`` never stops."""
@@ -53,3 +82,9 @@ class EarlyStopping:
             self.stale_ += 1
             self.best_ = min(self.best_, loss)
         return self.patience is not None and self.stale_ >= self.patience
+
+    def to_list(self) -> list[float | int]:
+        return [self.best_, self.stale_]
+
+    def load(self, saved: list[float | int]) -> None:
+        self.best_, self.stale_ = float(saved[0]), int(saved[1])

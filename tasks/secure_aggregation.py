@@ -1,73 +1,82 @@
-"""Client tasks of secure aggregation, one per exchange with the server.
+"""Secure aggregation's client steps as Prefect tasks: thin wrappers over
+:mod:`fl.secagg.parties`, one per exchange with the server.
 
-Two protocols (``privacy.secagg_keys``): ``"run"`` (:mod:`fl.secagg_run`) makes each client's key
-pair once per run, then masks and unmasks in two exchanges per round; ``"round"``
-(:mod:`fl.secagg`, Bonawitz et al., 2017) makes fresh keys and shares every round, in four.
-
-A client's secrets live only on the client: in a key store in the client's own process,
-created when it makes its keys and dropped once the run (``"run"``) or the round (``"round"``)
-is over.
-They never appear in task parameters or results. (With Prefect's thread runner every simulated
-client shares this process; a task runner that moves a client's steps between processes turns
-into a dropout, which the protocol tolerates up to its threshold.)
+A client's secrets live in this module's key store, in the process its tasks run in; they never
+appear in task parameters or results. (With Prefect's thread runner every simulated client
+shares this process; a task runner that moves a client's steps between processes turns it into a
+dropout, which the protocol tolerates up to its threshold.)
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-from prefect import task
+from prefect import Task, task
+from prefect.runtime import task_run
 
 from fl.config import ClientConfig, FaultsConfig
 from fl.data import ClientRef
-from fl.params import FeatureStats, MaskedUpdate, ModelParams
-from fl.privacy import client_contribution
-from fl.secagg import (
-    AdvertisedKeys,
-    EncryptedShare,
-    FixedPoint,
-    SecAggClient,
-    UnmaskingResponse,
-)
-from fl.secagg_run import PublicKey, Quorum, RunKeysClient, Unmasking
+from fl.exchange import Broadcast
+from fl.params import MaskedUpdate
+from fl.secagg import parties
+from fl.secagg.bonawitz import AdvertisedKeys, EncryptedShare, UnmaskingResponse
+from fl.secagg.primitives import FixedPoint
+from fl.secagg.run_keys import PublicKey, Quorum, Unmasking
 from tasks import TASK_OPTIONS
-from tasks.client import local_update
+from tasks.client import settles_expected_failures
 
-_KEYSTORE: dict[tuple[str, str], SecAggClient | RunKeysClient] = {}
-_LOCK = threading.Lock()
-
-
-def _party(session: str, ref: ClientRef) -> SecAggClient | RunKeysClient:
-    with _LOCK:
-        party = _KEYSTORE.get((session, ref.client_id))
-    if party is None:
-        raise RuntimeError(
-            f"client {ref.client_id!r}: no secure-aggregation keys (it took no part in the key "
-            "setup, or they expired)"
-        )
-    return party
+KEYS = parties.KeyStore()
+"""The secrets of the clients whose tasks run in this process."""
 
 
-def _train_and_mask(
+# -- keys once per run (fl.secagg.run_keys) ----------------------------------------------------
+
+
+@task(name="secagg-setup", task_run_name="secagg-setup-{ref.client_id}", **TASK_OPTIONS)
+def make_run_keys(ref: ClientRef, session: str) -> PublicKey:
+    return parties.make_run_keys(KEYS, ref, session)
+
+
+@task(
+    name="train-client-masked",
+    task_run_name="train-r{round_num:02d}-{ref.client_id}",
+    **TASK_OPTIONS,
+)
+@settles_expected_failures  # bad data, injected crashes: no traceback
+def train_run_masked(
     ref: ClientRef,
-    global_params: ModelParams,
-    stats: FeatureStats,
+    session: str,
+    roster: list[PublicKey],
+    quorum: Quorum,
+    codec: FixedPoint,
+    broadcast: Broadcast,
     cfg: ClientConfig,
-    clip_norm: float,
     round_num: int,
-    faults: FaultsConfig | None,
-    mask: Callable[[np.ndarray], Any],
+    faults: FaultsConfig | None = None,
 ) -> MaskedUpdate:
-    """Train, clip the update (the DP-FedAvg contribution) and mask it; the scalars travel
-    alongside, as in a plain update."""
-    update = local_update(ref, global_params, stats, cfg, round_num, faults)
-    contribution = client_contribution(global_params, update.params, clip_norm)
-    return MaskedUpdate(
-        update.client_id, mask(contribution), update.num_examples, update.metrics, update.evaluation
+    attempt = task_run.get_run_count()
+    return parties.train_run_masked(
+        KEYS, ref, session, roster, quorum, codec, broadcast, cfg, round_num, faults, attempt
     )
+
+
+@task(
+    name="secagg-unmask",
+    task_run_name="secagg-unmask-r{round_num:02d}-{ref.client_id}",
+    **TASK_OPTIONS,
+)
+def run_unmasking(
+    ref: ClientRef,
+    inbox: dict[int, bytes],
+    session: str,
+    survivors: list[int],
+    dropped: list[int],
+    round_num: int,
+) -> Unmasking:
+    return parties.run_unmasking(KEYS, ref, inbox, session, survivors, dropped, round_num)
+
+
+# -- fresh keys every round (fl.secagg.bonawitz) ------------------------------------------------
 
 
 @task(
@@ -76,10 +85,7 @@ def _train_and_mask(
 def advertise_keys(
     ref: ClientRef, session: str, threshold: int, codec: FixedPoint, round_num: int
 ) -> AdvertisedKeys:
-    party = SecAggClient(ref.index, threshold, codec)  # fresh secrets from the OS, every round
-    with _LOCK:
-        _KEYSTORE[(session, ref.client_id)] = party
-    return party.advertise_keys()
+    return parties.advertise_keys(KEYS, ref, session, threshold, codec, round_num)
 
 
 @task(
@@ -90,7 +96,7 @@ def advertise_keys(
 def share_keys(
     ref: ClientRef, session: str, roster: list[AdvertisedKeys], round_num: int
 ) -> list[EncryptedShare]:
-    return _party(session, ref).share_keys(roster)
+    return parties.share_keys(KEYS, ref, session, roster, round_num)
 
 
 @task(
@@ -98,23 +104,21 @@ def share_keys(
     task_run_name="train-r{round_num:02d}-{ref.client_id}",
     **TASK_OPTIONS,
 )
+@settles_expected_failures  # bad data, injected crashes: no traceback
 def train_masked(
     ref: ClientRef,
+    inbox: list[EncryptedShare],
     session: str,
     roster: list[AdvertisedKeys],
-    inbox: list[EncryptedShare],
-    global_params: ModelParams,
-    stats: FeatureStats,
+    broadcast: Broadcast,
     cfg: ClientConfig,
-    clip_norm: float,
     round_num: int,
     faults: FaultsConfig | None = None,
 ) -> MaskedUpdate:
-    party = _party(session, ref)
-    return _train_and_mask(
-        ref, global_params, stats, cfg, clip_norm, round_num, faults,
-        lambda x: party.masked_input(x, roster, inbox),
-    )  # fmt: skip
+    attempt = task_run.get_run_count()
+    return parties.train_masked(
+        KEYS, ref, inbox, session, roster, broadcast, cfg, round_num, faults, attempt
+    )
 
 
 @task(
@@ -124,74 +128,26 @@ def train_masked(
 )
 def unmasking_shares(
     ref: ClientRef,
+    inbox: list[EncryptedShare],
     session: str,
     roster: list[AdvertisedKeys],
-    inbox: list[EncryptedShare],
     survivors: list[int],
     round_num: int,
 ) -> UnmaskingResponse:
-    try:
-        return _party(session, ref).unmasking_shares(roster, inbox, survivors)
-    finally:
-        with _LOCK:
-            _KEYSTORE.pop((session, ref.client_id), None)
+    return parties.unmasking_shares(KEYS, ref, inbox, session, roster, survivors, round_num)
 
 
-# --- keys once per run (fl.secagg_run) -------------------------------------------------------
-
-
-@task(name="secagg-setup", task_run_name="secagg-setup-{ref.client_id}", **TASK_OPTIONS)
-def make_run_keys(ref: ClientRef, session: str) -> PublicKey:
-    party = RunKeysClient(ref.index)  # fresh secrets from the OS, once per run
-    with _LOCK:
-        _KEYSTORE[(session, ref.client_id)] = party
-    return party.public_key()
-
-
-@task(
-    name="train-client-masked",
-    task_run_name="train-r{round_num:02d}-{ref.client_id}",
-    **TASK_OPTIONS,
-)
-def train_run_masked(
-    ref: ClientRef,
-    session: str,
-    roster: list[PublicKey],
-    quorum: Quorum,
-    codec: FixedPoint,
-    global_params: ModelParams,
-    stats: FeatureStats,
-    cfg: ClientConfig,
-    clip_norm: float,
-    round_num: int,
-    faults: FaultsConfig | None = None,
-) -> MaskedUpdate:
-    party = _party(session, ref)
-    return _train_and_mask(
-        ref, global_params, stats, cfg, clip_norm, round_num, faults,
-        lambda x: party.masked_input(x, round_num, roster, quorum, codec),
-    )  # fmt: skip
-
-
-@task(
-    name="secagg-unmask",
-    task_run_name="secagg-unmask-r{round_num:02d}-{ref.client_id}",
-    **TASK_OPTIONS,
-)
-def run_unmasking(
-    ref: ClientRef,
-    session: str,
-    survivors: list[int],
-    dropped: list[int],
-    inbox: dict[int, bytes],
-    round_num: int,
-) -> Unmasking:
-    return _party(session, ref).unmasking(round_num, survivors, dropped, inbox)
+STEPS: dict[str, Task[..., Any]] = {
+    "run-setup": make_run_keys,
+    "run-train": train_run_masked,
+    "run-unmask": run_unmasking,
+    "round-keys": advertise_keys,
+    "round-shares": share_keys,
+    "round-train": train_masked,
+    "round-unmask": unmasking_shares,
+}
+"""The task of every client step of :data:`fl.secagg.parties.STEPS`."""
 
 
 def expire(session: str) -> None:
-    """Drop whatever keys a session left behind: a client discards its secrets once the run
-    (or, for per-round keys, the round) is over, whether it answered or not."""
-    with _LOCK:
-        for key in [k for k in _KEYSTORE if k[0] == session]:
-            del _KEYSTORE[key]
+    KEYS.expire(session)

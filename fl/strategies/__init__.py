@@ -1,38 +1,86 @@
-"""Aggregation strategies: pure functions of the global model, the clients' updates and the
-strategy's own state. One strategy per module, each citing its paper."""
+"""Aggregation strategies: pure functions of the global model, the clients' updates (or their
+sum) and the strategy's own state. One strategy per module, each citing its paper; privacy wraps
+a strategy (:mod:`fl.privacy.dp_fedavg`)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from fl.config import FLConfig
-from fl.params import ClientUpdate, ModelParams
+from fl.strategies.aggregation import Contribution, Strategy, SumStrategy
 from fl.strategies.fedavg import FedAvg
 
 if TYPE_CHECKING:
-    from fl.privacy import PrivacyPlan
+    from fl.privacy.plan import PrivacyPlan
 
-StrategyState = dict[str, Any]
+STRATEGIES: dict[str, type[SumStrategy]] = {"fedavg": FedAvg}
+"""``server.strategy`` names and their classes."""
 
-
-class Strategy(Protocol):
-    def aggregate(
-        self, global_params: ModelParams, updates: list[ClientUpdate], state: StrategyState
-    ) -> tuple[ModelParams, StrategyState]:
-        """The next global model, and the state to pass to the next round."""
-        ...
+SUM_STRATEGIES = frozenset(name for name, cls in STRATEGIES.items() if cls.sum_based)
+"""Strategies that need only the sum of client contributions, so run under secure aggregation
+and inside the DP wrapper."""
 
 
-def make_strategy(config: FLConfig, plan: PrivacyPlan | None = None) -> Strategy:
-    """The strategy named by ``server.strategy``, wrapped in DP-FedAvg when ``plan`` (from
-    :func:`fl.privacy.plan_privacy`) asks for DP or secure aggregation."""
-    if plan is not None:
-        from fl.privacy import make_dp_strategy
+def check_strategy(config: FLConfig) -> None:
+    """Raise ``ValueError`` (one line, naming the key) unless ``server.strategy`` can run in
+    the configured privacy mode."""
+    name = config.server.strategy
+    if name not in STRATEGIES:
+        raise ValueError(f"server.strategy: unknown strategy {name!r}")
+    secure, dp = config.privacy.secure_aggregation, config.privacy.dp
+    if (secure or dp) and name not in SUM_STRATEGIES:
+        key = "privacy.secure_aggregation" if secure else "privacy.noise_multiplier"
+        raise ValueError(
+            f"server.strategy: {name!r} needs every individual update, which {key} hides or "
+            f"noises; use a sum-based strategy ({', '.join(sorted(SUM_STRATEGIES))})"
+        )
+    if dp and config.server.weighting == "num_examples":
+        raise ValueError(
+            "server.weighting: DP-FedAvg weighs every client the same (an example count is "
+            'private and unbounded); set it to "uniform" or leave it unset'
+        )
 
-        return make_dp_strategy(config, plan)
-    if config.server.strategy == "fedavg":
-        return FedAvg(weighting=config.server.weighting)
-    raise ValueError(f"server.strategy: unknown strategy {config.server.strategy!r}")
+
+def make_strategy(
+    config: FLConfig, plan: PrivacyPlan | None = None, rng: np.random.Generator | None = None
+) -> Strategy:
+    """The strategy ``server.strategy`` names, wrapped in DP-FedAvg when ``plan`` (from
+    :func:`fl.privacy.plan.plan_privacy`) is a DP plan. ``rng`` is the DP noise source: a
+    secret one (:func:`fl.privacy.mechanisms.secret_rng`) unless a test injects its own."""
+    check_strategy(config)
+    inner = STRATEGIES[config.server.strategy](weighting=config.server.weighting or "num_examples")
+    if plan is None:
+        return inner
+    from fl.privacy.dp_fedavg import DPFedAvg
+    from fl.privacy.mechanisms import secret_rng
+
+    p = config.privacy
+    strategy = DPFedAvg(
+        inner,
+        noise_multiplier=plan.noise_multiplier,
+        clipping_norm=p.clipping_norm,
+        expected_clients=plan.expected_clients,
+        rng=secret_rng() if rng is None else rng,
+        adaptive_clipping=p.adaptive_clipping,
+        target_unclipped_quantile=p.target_unclipped_quantile,
+        clip_learning_rate=p.clip_learning_rate,
+    )
+    try:
+        strategy.check_params()
+    except ValueError as exc:
+        raise ValueError(f"privacy.{exc}") from None
+    return strategy
 
 
-__all__ = ["FedAvg", "Strategy", "StrategyState", "make_strategy"]
+__all__ = [
+    "Contribution",
+    "FedAvg",
+    "STRATEGIES",
+    "SUM_STRATEGIES",
+    "Strategy",
+    "SumStrategy",
+    "check_strategy",
+    "make_strategy",
+]

@@ -1,27 +1,20 @@
-"""FedAvg: McMahan et al., 2017, "Communication-Efficient Learning of Deep Networks from
-Decentralized Data" (AISTATS). The next global model is the example-weighted mean of the
-clients' models."""
+"""FedAvg: McMahan, Moore, Ramage, Hampson and Agüera y Arcas, 2017, "Communication-Efficient
+Learning of Deep Networks from Decentralized Data" (AISTATS). The next global model is the
+example-weighted mean of the clients' models, written as the global model plus the weighted mean
+of their updates, so that it also applies to a sum formed under secure aggregation."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from fl.params import ClientUpdate, ModelParams
+from fl.params import ModelParams
+from fl.strategies.aggregation import SumStrategy
 
 
-def weighted_mean(vectors: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """``sum_i w_i v_i / sum_i w_i``, written as a sum so that it also applies to sums formed
-    under secure aggregation."""
-    total = weights.sum()
-    if not total > 0:
-        raise ValueError("aggregation weights sum to zero")
-    return (weights[:, None] * vectors).sum(axis=0) / total
-
-
-class FedAvg:
-    """Weighted averaging of client parameters.
+class FedAvg(SumStrategy):
+    """Weighted averaging of client models.
 
     Parameters
     ----------
@@ -29,17 +22,7 @@ class FedAvg:
         choice); "uniform" gives every client the same weight.
     """
 
-    def __init__(self, weighting: Literal["num_examples", "uniform"] = "num_examples"):
-        self.weighting = weighting
-
-    def aggregate(
-        self, global_params: ModelParams, updates: list[ClientUpdate], state: dict[str, Any]
-    ) -> tuple[ModelParams, dict[str, Any]]:
-        if not updates:
-            raise ValueError("no client updates to aggregate")
-        vectors = np.stack([u.params.to_vector() for u in updates])
-        if self.weighting == "uniform":
-            weights = np.ones(len(updates))
-        else:
-            weights = np.array([u.num_examples for u in updates], dtype=np.float64)
-        return ModelParams.from_vector(weighted_mean(vectors, weights)), state
+    def server_step(
+        self, global_params: ModelParams, mean_delta: np.ndarray, state: Any
+    ) -> tuple[ModelParams, Any]:
+        return ModelParams.from_vector(global_params.to_vector() + mean_delta), state

@@ -1,0 +1,352 @@
+"""The round engine: one federated round, the same wherever its messages travel.
+
+A :class:`Run` is set up once (client statistics, exclusions, feature statistics, privacy plan,
+strategy) and then plays rounds on a :class:`RunState`:
+
+    sample -> exchange with the clients -> screen -> score the previous model -> aggregate
+    -> account for privacy -> evaluate centrally -> record (and checkpoint)
+
+How the messages travel is the :class:`fl.exchange.Exchange` it is given: in-process
+(:func:`fl.simulation.simulate`), Prefect tasks (``flows/training.py``) or secure aggregation.
+There is no other round loop.
+
+Federated evaluation rides along with training: the clients of round ``r + 1`` score ``w_r``
+on their local test splits before training from it (one broadcast per round, not two), and
+every client scores the final model once at the end (:meth:`Run.finish`). Early stopping looks
+at that score, so a stop found in round ``r + 1`` keeps ``w_r`` and discards that round's
+updates.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fl.client import FinalReport
+from fl.config import FLConfig
+from fl.data import ClientRef, duplicate_clients, registry
+from fl.evaluation import (
+    EvalSums,
+    central_evaluate,
+    named,
+    personalization_metrics,
+    received_evaluation,
+    train_loss,
+)
+from fl.exchange import Broadcast, Exchange, Failures, Returned
+from fl.lifecycle import InitModel, Promotion, decide_promotion
+from fl.params import FeatureStats, ModelParams, screen_updates
+from fl.privacy.accounting import Accountant
+from fl.privacy.plan import PrivacyPlan, budget_exhausted, plan_privacy, privacy_accountant
+from fl.rounds import EarlyStopping, clients_per_round, sample_round
+from fl.secagg.primitives import SecAggAbort
+from fl.statistics import combine_reports, consistent_reports
+from fl.strategies import Strategy, make_strategy
+
+
+class RoundFailed(RuntimeError):
+    """The run could not produce a model: no usable client, or no round succeeded."""
+
+
+@dataclass
+class RunState:
+    """Everything a run carries from round to round; :meth:`Run.checkpoint` and
+    :meth:`Run.resume` write and read it."""
+
+    params: ModelParams
+    strategy_state: Any
+    stopper: EarlyStopping
+    accountant: Accountant | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """One entry per completed round: its metrics, and its federated score once it is in."""
+    initial: dict[str, float] = field(default_factory=dict)
+    """``initial_fed_*``: the starting model, scored by round 1's clients."""
+    stopped_early: bool = False
+    first_failure: str | None = None
+
+    @property
+    def next_round(self) -> int:
+        return len(self.history) + 1
+
+
+@dataclass
+class RoundRecord:
+    """What one round did, for whoever reports it (the flow logs it, the simulation keeps it)."""
+
+    round: int
+    failures: Failures = field(default_factory=list)
+    silent: Failures = field(default_factory=list)
+    """Clients that answered the round but not the unmasking request (not left out)."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """The round's history entry (empty when the run stopped before aggregating)."""
+    scored: dict[str, Any] | None = None
+    """The previous round's history entry, now that this round's clients have scored it."""
+    initial: dict[str, float] = field(default_factory=dict)
+    failed: str | None = None
+    """Why the round produced no new model (too few usable updates)."""
+    aborted: str | None = None
+    """Why secure aggregation failed closed."""
+    stop: str | None = None
+    """"budget" or "early": the run ends with this round."""
+    checkpoint: dict[str, Any] | None = None
+
+
+@dataclass
+class Outcome:
+    """What the end of a run adds: the final federated score, the personalization report and
+    the promotion decision."""
+
+    final: EvalSums
+    scored: dict[str, Any] | None
+    personalization: dict[str, float]
+    promotion: Promotion | None
+
+
+class Run:
+    """A configured federated run over ``exchange``. Build it with :meth:`setup`."""
+
+    def __init__(
+        self,
+        config: FLConfig,
+        exchange: Exchange,
+        refs: list[ClientRef],
+        names: list[str],
+        stats: FeatureStats,
+        strategy: Strategy,
+        plan: PrivacyPlan | None = None,
+        excluded: Failures | None = None,
+    ):
+        self.config = config
+        self.exchange = exchange
+        self.refs = refs
+        self.names = names
+        self.stats = stats
+        self.strategy = strategy
+        self.plan = plan
+        self.excluded = excluded or []
+        clients_per_round(config.rounds, len(refs))  # fail now if too few clients are usable
+        self.secure = config.privacy.secure_aggregation
+        self.setup_seconds = 0.0
+
+    @classmethod
+    def setup(
+        cls,
+        config: FLConfig,
+        exchange: Exchange,
+        init: tuple[str, InitModel] | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> Run:
+        """Ask every client for its feature moments, set aside the clients that cannot take
+        part (with a reason each), form the feature statistics (an ``init`` model's, when
+        fine-tuning) and plan privacy. ``rng`` is the DP noise source (secret by default)."""
+        refs = registry(config.data, config.experiment.seed)
+        reports, failed = exchange.statistics(refs)
+        reports, mismatched = consistent_reports(reports)
+        excluded = duplicate_clients(config.data) + failed + mismatched
+        if not reports:
+            raise RoundFailed("no client has usable data: " + "; ".join(w for _, w in excluded[:3]))
+        usable = {r.client_id for r in reports}
+        refs = [ref for ref in refs if ref.client_id in usable]
+        names, stats = combine_reports(reports)
+        if init is not None:
+            stats = init[1].stats_for(stats, init[0])
+        plan = plan_privacy(config, len(refs))
+        strategy = make_strategy(config, plan, rng)
+        run = cls(config, exchange, refs, names, stats, strategy, plan, excluded)
+        run.setup_seconds = exchange.open(refs)
+        return run
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def start(self, init: InitModel | None = None) -> RunState:
+        """Round 0: zeros, or the ``init`` model in this run's standardised space."""
+        params = (
+            ModelParams.zeros(len(self.names))
+            if init is None
+            else init.raw.to_standardised(self.stats)
+        )
+        rounds = self.config.rounds
+        return RunState(
+            params,
+            self.strategy.init_state(),
+            EarlyStopping(rounds.tolerance, rounds.patience),
+            privacy_accountant(self.plan),
+        )
+
+    def checkpoint(self, state: RunState) -> dict[str, Any]:
+        """The run state after its last completed round, as JSON-able values."""
+        return {
+            "round": len(state.history),
+            "params": state.params.to_vector().tolist(),
+            "strategy": self.strategy.save_state(state.strategy_state),
+            "stopper": state.stopper.to_list(),
+            "accountant": None if state.accountant is None else state.accountant.to_dict(),
+            "first_failure": state.first_failure,
+        }
+
+    def resume(self, checkpoint: dict[str, Any], history: list[dict[str, Any]]) -> RunState:
+        """The state :meth:`checkpoint` wrote, with the rounds' ``history`` as recorded."""
+        state = self.start()
+        state.params = ModelParams.from_vector(np.asarray(checkpoint["params"], dtype=np.float64))
+        state.strategy_state = self.strategy.load_state(checkpoint["strategy"])
+        state.stopper.load(checkpoint["stopper"])
+        if checkpoint["accountant"] is not None:
+            state.accountant = Accountant.from_dict(checkpoint["accountant"])
+        state.history = history[: checkpoint["round"]]
+        state.first_failure = checkpoint["first_failure"]
+        return state
+
+    # -- rounds --------------------------------------------------------------------------------
+
+    def rounds(self, state: RunState) -> Iterator[RoundRecord]:
+        """The remaining rounds, one record each, until the last, a spent privacy budget or an
+        early stop."""
+        for r in range(state.next_round, self.config.rounds.num_rounds + 1):
+            record = self.round(state, r)
+            yield record
+            if record.stop:
+                return
+
+    def sample(self, round_num: int) -> list[ClientRef]:
+        q = None if self.plan is None else self.plan.sampling_rate
+        cfg, seed = self.config.rounds, self.config.experiment.seed
+        return [self.refs[i] for i in sample_round(cfg, seed, q, len(self.refs), round_num)]
+
+    def round(self, state: RunState, r: int) -> RoundRecord:
+        """Round ``r``: train ``w_r`` from ``state.params`` and record it in ``state``."""
+        record = RoundRecord(r)
+        if budget_exhausted(state.accountant, self.config.privacy.target_epsilon):
+            record.stop = "budget"
+            return record
+        started = time.perf_counter()
+        returned = self._exchange(state, r, record)
+        updates, failures = returned.updates, returned.failures
+        if returned.total is None:
+            updates, rejected = screen_updates(
+                updates, state.params, self.config.server.max_update_norm
+            )
+            failures = failures + rejected
+        record.failures, record.silent = failures, returned.silent
+        record.failed = self._too_few(updates, failures, r)
+        state.first_failure = state.first_failure or record.failed
+        if self._score_previous(state, r, updates, record):
+            return record
+        entry: dict[str, Any] = {"round": r}
+        self._aggregate(state, updates, returned.total, entry, record.failed)
+        entry.update(self._round_metrics(state, updates, failures, started))
+        state.history.append(entry)
+        record.metrics = entry
+        record.checkpoint = self.checkpoint(state)
+        return record
+
+    def _exchange(self, state: RunState, r: int, record: RoundRecord) -> Returned:
+        sampled = self.sample(r)
+        contribution = self.strategy.contribution(state.strategy_state) if self.secure else None
+        broadcast = Broadcast(state.params, self.stats, contribution)
+        try:
+            return self.exchange.train(sampled, broadcast, r)
+        except SecAggAbort as exc:
+            # Fail closed: nothing is aggregated from these clients.
+            record.aborted = str(exc)
+            return Returned([], [(ref.client_id, str(exc)) for ref in sampled])
+
+    def _too_few(self, updates: list, failures: Failures, r: int) -> str | None:
+        """Why round ``r`` cannot aggregate, or None. Under DP every round aggregates (an empty
+        Poisson sample adds noise only): the number of clients is private."""
+        need = self.config.rounds.min_clients
+        if self.plan is not None or len(updates) >= need:
+            return None
+        reasons = "; ".join(f"{cid}: {why}" for cid, why in failures[:3])
+        return (
+            f"round {r}: {len(updates)} usable update(s), rounds.min_clients is {need} ({reasons})"
+        )
+
+    def _score_previous(self, state: RunState, r: int, updates: list, record: RoundRecord) -> bool:
+        """Credit the previous model with the score this round's clients gave it; True when
+        that score stops the run early (the previous model is kept)."""
+        fed = named("fed", received_evaluation(updates)) if updates else {}
+        if r == 1:
+            state.initial = record.initial = {f"initial_{k}": v for k, v in fed.items()}
+            return False
+        if not fed:
+            return False
+        state.history[-1].update(fed)
+        record.scored = state.history[-1]
+        if state.stopper.update(fed["fed_mse"]):
+            state.stopped_early = True
+            record.stop = "early"
+            return True
+        return False
+
+    def _aggregate(
+        self,
+        state: RunState,
+        updates: list,
+        total: np.ndarray | None,
+        entry: dict[str, Any],
+        failed: str | None,
+    ) -> None:
+        if failed:
+            entry["round_failed"] = 1
+        elif total is not None:
+            state.params, state.strategy_state = self.strategy.aggregate_sum(
+                state.params, total, len(updates), state.strategy_state
+            )
+        else:
+            state.params, state.strategy_state = self.strategy.aggregate(
+                state.params, updates, state.strategy_state
+            )
+        if state.accountant is not None:
+            entry["dp_epsilon"] = state.accountant.step().epsilon
+        if self.plan is not None:
+            entry["dp_clip_norm"] = self.strategy.clip_norm(state.strategy_state)
+
+    def _round_metrics(
+        self, state: RunState, updates: list, failures: Failures, started: float
+    ) -> dict[str, Any]:
+        central = central_evaluate(
+            state.params, self.stats, self.config.data, self.config.experiment.seed
+        )
+        return {
+            "train_loss": train_loss(updates),
+            **named("central", central),
+            "clients_ok": len(updates),
+            "clients_failed": len(failures),
+            "clients_timed_out": sum("timed out" in why for _, why in failures),
+            "round_seconds": time.perf_counter() - started,
+            "failed_clients": "; ".join(f"{cid}: {why}" for cid, why in failures),
+        }
+
+    # -- the end -------------------------------------------------------------------------------
+
+    def finish(self, state: RunState, champion: ModelParams | None = None) -> Outcome:
+        """Every client scores the final model (and the ``champion``, in raw units, on the same
+        rows); the last round's score, personalization and the promotion decision follow."""
+        history = state.history
+        if history and all(h.get("round_failed") for h in history) and state.first_failure:
+            raise RoundFailed(f"no round succeeded; {state.first_failure}")
+        reports = self.exchange.final(self.refs, state.params, self.stats, champion, len(history))
+        final = EvalSums.merge_all(rep.evaluation for rep in reports)
+        scored = None
+        if history and not state.stopped_early:
+            history[-1].update(named("fed", final))
+            scored = history[-1]
+        personalization = (
+            personalization_metrics(reports) if self.config.client.personalize_epochs else {}
+        )
+        return Outcome(final, scored, personalization, self._promotion(final, reports, champion))
+
+    def _promotion(
+        self, final: EvalSums, reports: list[FinalReport], champion: ModelParams | None
+    ) -> Promotion | None:
+        if not self.config.experiment.register_as:
+            return None
+        champion_mse = None
+        if champion is not None:
+            champion_mse = EvalSums.merge_all(r.champion for r in reports).metrics()["mse"]
+        margin = self.config.experiment.promote_margin
+        return decide_promotion(final.metrics()["mse"], champion_mse, margin)
