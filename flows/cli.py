@@ -103,60 +103,74 @@ def _audit(run_id: str, uri: str) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["serve"]:
-        # The command line is the entry point of every layer; only `serve` reaches the
-        # deployments layer, and only when asked for.
-        from deployments.serve import main as serve
+def _audit_command(args: argparse.Namespace) -> int:
+    from tasks.tracking import DEFAULT_TRACKING_URI
 
-        return serve(argv[1:], prog="fedtune serve")
-    args = _parser().parse_args(argv)
-    if args.command == "audit":
-        from tasks.tracking import DEFAULT_TRACKING_URI
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    return _audit(args.run, uri)
 
-        uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-        return _audit(args.run, uri)
+
+def _resumed_config(args: argparse.Namespace):
+    from fl.config import ConfigError
+    from tasks.tracking import DEFAULT_TRACKING_URI, load_run_config
+
+    if args.config or args.overrides:
+        raise ConfigError("--resume: the run keeps its own configuration; drop --config/--set")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    try:
+        return load_run_config(uri, args.resume)
+    except Exception as exc:  # noqa: BLE001 -- one line naming the run
+        raise ConfigError(f"--resume {args.resume}: {exc}") from None
+
+
+def _checked_config(args: argparse.Namespace):
+    """The effective configuration, checked against its data source; ``None`` once a config
+    error has been reported."""
     from fl.config import ConfigError, load_config
     from fl.data import ClientDataError, registry
-    from fl.privacy import plan_privacy
+    from fl.privacy.plan import plan_privacy
     from fl.rounds import clients_per_round
     from fl.strategies import make_strategy
 
     try:
         if getattr(args, "resume", None):
-            if args.config or args.overrides:
-                raise ConfigError(
-                    "--resume: the run keeps its own configuration; drop --config/--set"
-                )
-            from tasks.tracking import DEFAULT_TRACKING_URI, load_run_config
-
-            uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-            try:
-                config = load_run_config(uri, args.resume)
-            except Exception as exc:  # noqa: BLE001 -- one line naming the run
-                raise ConfigError(f"--resume {args.resume}: {exc}") from None
+            config = _resumed_config(args)
         else:
             config = load_config(args.config, args.overrides)
         num_clients = len(registry(config.data, config.experiment.seed))
         clients_per_round(config.rounds, num_clients)
         make_strategy(config, plan_privacy(config, num_clients))
     except (ConfigError, ClientDataError, ValueError) as exc:
-        return _fail("config error", str(exc), 2)
-    if args.command == "config":
-        print(config.model_dump_json(indent=2))
-        return 0
+        _fail("config error", str(exc), 2)
+        return None
+    return config
 
-    _quiet_temporary_server()
-    from flows.training import RoundFailed, federated_training
+
+def _config_command(args: argparse.Namespace) -> int:
+    config = _checked_config(args)
+    if config is None:
+        return 2
+    print(config.model_dump_json(indent=2))
+    return 0
+
+
+def _quiet_task_logs(verbose: bool) -> None:
+    """Prefect's per-task lines only with ``--verbose``. A client's expected failure (bad data,
+    an injected crash) is one WARNING line of the flow's; Prefect's ERROR lines about it are
+    dropped, or with ``--verbose`` kept without their empty traceback. A bug's are kept."""
+    from tasks.client import ExpectedFailureLog
+
+    task_runs = logging.getLogger("prefect.task_runs")
+    if not verbose:
+        task_runs.setLevel(logging.WARNING)
+    for old in [f for f in task_runs.filters if isinstance(f, ExpectedFailureLog)]:
+        task_runs.removeFilter(old)  # main() may run more than once in a process
+    task_runs.addFilter(ExpectedFailureLog(show=verbose))
+
+
+def _print_summary(args: argparse.Namespace, config, result) -> None:
     from tasks.tracking import tracking_uri
 
-    if not args.verbose:
-        logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
-    try:
-        result = federated_training(config, resume_run_id=getattr(args, "resume", None))
-    except (ClientDataError, RoundFailed) as exc:
-        return _fail("training failed", str(exc), 1)
     terms = " + ".join(
         f"{c:.6g}*{n}" for c, n in zip(result.coef, result.feature_names, strict=True)
     )
@@ -177,7 +191,38 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.output).write_text(result.model_dump_json(indent=2))
         print(f"summary: {args.output}")
     print(f"view: mlflow ui --backend-store-uri {uri}")
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    config = _checked_config(args)
+    if config is None:
+        return 2
+    _quiet_temporary_server()
+    from fl.data import ClientDataError
+    from flows.training import RoundFailed, federated_training
+
+    _quiet_task_logs(args.verbose)
+    try:
+        result = federated_training(config, resume_run_id=args.resume)
+    except (ClientDataError, RoundFailed) as exc:
+        return _fail("training failed", str(exc), 1)
+    _print_summary(args, config, result)
     return 0
+
+
+_COMMANDS = {"audit": _audit_command, "config": _config_command, "run": _run_command}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        # The command line is the entry point of every layer; only `serve` reaches the
+        # deployments layer, and only when asked for.
+        from deployments.serve import main as serve
+
+        return serve(argv[1:], prog="fedtune serve")
+    args = _parser().parse_args(argv)
+    return _COMMANDS[args.command](args)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ from typing import Any
 
 from prefect.futures import PrefectFuture, wait
 
-from fl.data import ClientDataError, ClientRef
+from fl.data import ClientRef
+from fl.exchange import reason
 
 
 def collect(
@@ -16,20 +17,23 @@ def collect(
     """``{client index: result}`` of the clients that answered, in ``refs`` order, and
     ``(client_id, reason)`` for the others. Tasks still running after ``timeout`` seconds are
     left out (and keep running: a thread cannot be interrupted, so the deadline is enforced
-    here, not by the task)."""
+    here, not by the task). A failed task holds its exception, raised or returned
+    (:func:`tasks.client.client_failed`); failing that, its state's message is the reason."""
     answered: dict[int, Any] = {}
     failures: list[tuple[str, str]] = []
-    if timeout is not None:
-        wait(futures, timeout=max(0.0, timeout))
+    # Which tasks finished in time is decided here, from the futures themselves: a future's
+    # `state` reads the API, which records task runs asynchronously and lags under load.
+    done = set(futures) if timeout is None else wait(futures, timeout=max(0.0, timeout)).done
     for ref, future in zip(refs, futures, strict=True):
-        if timeout is not None and not future.state.is_final():
+        if future not in done:
             failures.append((ref.client_id, f"timed out after {timeout:.3g} s"))
             continue
         outcome = future.result(raise_on_failure=False)
-        if isinstance(outcome, ClientDataError):
-            failures.append((ref.client_id, str(outcome)))  # already names client and file
-        elif isinstance(outcome, BaseException):
-            failures.append((ref.client_id, f"{type(outcome).__name__}: {outcome}"))
+        if isinstance(outcome, BaseException):
+            failures.append((ref.client_id, reason(outcome)))
+        elif not future.state.is_completed():
+            state = future.state
+            failures.append((ref.client_id, state.message or f"task run ended {state.name}"))
         else:
             answered[ref.index] = outcome
     return answered, failures

@@ -1,27 +1,94 @@
 """Client-side tasks. Each gets a *reference* to its client's data and loads it itself; only
-parameters, counts and scalar metrics come back."""
+parameters, counts and scalar metrics come back.
+
+A client's *expected* failures (:data:`EXPECTED`: bad data, an injected crash) end its task run
+in a :func:`client_failed` state, returned rather than raised: Prefect then logs no traceback,
+and the state's message is the one-line reason. Anything else is a bug and is raised as usual.
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
+import re
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
 from prefect import task
 from prefect.runtime import task_run
+from prefect.states import Failed, State
 
 from fl import client
 from fl import faults as fl_faults
 from fl.config import ClientConfig, FaultsConfig
 from fl.data import ClientDataError, ClientRef
+from fl.exchange import reason
 from fl.params import ClientUpdate, FeatureStats, ModelParams
 from fl.statistics import StatsReport
 from tasks import TASK_OPTIONS
 
+EXPECTED: tuple[type[Exception], ...] = (ClientDataError, fl_faults.InjectedFault)
+"""A client's failures that are not bugs: they get one line, never a traceback."""
+
+CLIENT_FAILED = "ClientFailed"
+"""The name of the (``FAILED``) state of a task run that ended in an expected failure."""
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def client_failed(exc: Exception) -> State:
+    """The final state of a task run that failed with ``exc``: ``FAILED``, the one-line reason
+    as its message, ``exc`` as its result (so ``retry_condition_fn`` and
+    ``future.result(raise_on_failure=False)`` see the exception)."""
+    return Failed(name=CLIENT_FAILED, message=reason(exc), data=exc)
+
+
+def settles_expected_failures(fn: Callable[P, R]) -> Callable[P, R | State]:
+    """Wrap a client task's function: an :data:`EXPECTED` exception is returned as
+    :func:`client_failed`, which Prefect retries like a raised one (``retry_condition_fn``),
+    but records without a traceback. Goes under ``@task``; the signature is kept."""
+
+    @functools.wraps(fn)
+    def settled(*args: P.args, **kwargs: P.kwargs) -> R | State:
+        try:
+            return fn(*args, **kwargs)
+        except EXPECTED as exc:
+            return client_failed(exc)
+
+    return settled
+
+
+class ExpectedFailureLog(logging.Filter):
+    """For the ``prefect.task_runs`` logger: Prefect logs a failed task run at ERROR, up to twice
+    ("Task run failed with state ...", "Finished in state ..."), the first with a spurious
+    ``exc_info`` (``NoneType: None``). For a :func:`client_failed` run the flow already says why
+    in one WARNING line: with ``show=False`` drop these records, else keep them without the
+    ``exc_info``. Other records, those of bugs included, pass unchanged."""
+
+    _STATE = re.compile(rf"\bstate:? {CLIENT_FAILED}\(")
+
+    def __init__(self, show: bool = False):
+        super().__init__()
+        self.show = show
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not self._STATE.search(record.getMessage()):
+            return True
+        record.exc_info = None
+        record.exc_text = None
+        return self.show
+
 
 @task(name="client-statistics", task_run_name="stats-{ref.client_id}", **TASK_OPTIONS)
+@settles_expected_failures
 def client_statistics(ref: ClientRef, chunk_size: int) -> StatsReport:
     return client.feature_moments(ref, chunk_size)
 
 
 def _transient(task, task_run, state) -> bool:
-    """Retry crashes and timeouts, not data errors: a bad file stays bad."""
+    """Retry crashes and timeouts, not data errors: a bad file stays bad. ``state`` holds the
+    exception, raised or returned (:func:`client_failed`)."""
     try:
         state.result()
     except ClientDataError:
@@ -37,6 +104,7 @@ def _transient(task, task_run, state) -> bool:
     retry_condition_fn=_transient,
     **TASK_OPTIONS,
 )
+@settles_expected_failures
 def train_client(
     ref: ClientRef,
     global_params: ModelParams,
@@ -62,6 +130,7 @@ def local_update(
 
 
 @task(name="final-report", task_run_name="final-{ref.client_id}", **TASK_OPTIONS)
+@settles_expected_failures
 def final_report(
     ref: ClientRef,
     params: ModelParams,
