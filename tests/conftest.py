@@ -15,6 +15,15 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
 
 
+@pytest.fixture(autouse=True)
+def _fast_tier_stays_pure(request):
+    """A test that needs Prefect or MLflow is plumbing: it must be marked ``integration``, so
+    that ``pytest -m "not integration"`` stays the fast tier over the pure core."""
+    plumbing = {"prefect_api", "mlflow_uri", "mlflow_template"} & set(request.fixturenames)
+    if plumbing and request.node.get_closest_marker("integration") is None:
+        pytest.fail(f"uses {sorted(plumbing)} but is not marked integration")
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
     """A real Prefect API (temporary local server), shared by the whole session."""

@@ -39,19 +39,20 @@ def test_the_attack_finds_an_overfit_model_out():
             "data.samples_per_client=30",
             "data.num_clients=20",
             "data.noise=1.0",
-            "rounds.num_rounds=30",
-            "client.local_epochs=20",
+            "rounds.num_rounds=8",
+            "client.local_epochs=10",
             "client.eta0=0.05",
         ],
     )
     result = simulate(config)
-    members, others = client_losses(config, result.params.to_raw(result.stats), 30)
+    members, others = client_losses(config, result.params.to_raw(result.stats), 8)
     audit = membership_audit(members, others)
     assert members.mean() < others.mean()
     assert audit.advantage > 0.2 and audit.auc > 0.55
     assert audit.auc_ci_low < audit.auc < audit.auc_ci_high
 
 
+@pytest.mark.integration
 def test_fedtune_audit_logs_to_the_run(prefect_api, mlflow_uri, capsys):
     config = load_config(
         None,
@@ -75,6 +76,7 @@ def test_fedtune_audit_logs_to_the_run(prefect_api, mlflow_uri, capsys):
     assert metrics["audit_members"] <= 40
 
 
+@pytest.mark.integration
 def test_fedtune_audit_of_an_unknown_run_is_one_line(mlflow_uri, capsys):
     assert main(["audit", "--run", "no-such-run"]) == 1
     err = capsys.readouterr().err.strip()

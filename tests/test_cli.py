@@ -10,6 +10,9 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.integration
 
 
 def test_fedtune_run_needs_no_server_and_prints_no_errors(tmp_path):

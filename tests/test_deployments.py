@@ -34,6 +34,8 @@ from deployments.parameters import deployment_parameters
 from deployments.serve import PREFECT_FILE, REPO, project_deployments
 from fl.config import load_config
 
+pytestmark = pytest.mark.integration
+
 if TYPE_CHECKING:
     from mlflow.entities import Run
     from prefect.client.orchestration import SyncPrefectClient

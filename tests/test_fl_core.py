@@ -30,17 +30,21 @@ def _update(cid, coef, intercept, n):
 
 def test_fedavg_is_the_example_weighted_mean_by_hand():
     updates = [_update("a", [1.0, 2.0], 0.5, 10), _update("b", [4.0, -1.0], 1.5, 30)]
-    params, _ = FedAvg().aggregate(ModelParams.zeros(2), updates, {})
+    params, _ = FedAvg().aggregate(ModelParams.zeros(2), updates, None)
     # (10*1 + 30*4)/40 = 3.25 ; (10*2 + 30*-1)/40 = -0.25 ; (10*.5 + 30*1.5)/40 = 1.25
     np.testing.assert_allclose(params.coef, [3.25, -0.25], rtol=0, atol=1e-15)
     assert params.intercept == pytest.approx(1.25, abs=1e-15)
-    uniform, _ = FedAvg("uniform").aggregate(ModelParams.zeros(2), updates, {})
+    uniform, _ = FedAvg("uniform").aggregate(ModelParams.zeros(2), updates, None)
     np.testing.assert_allclose(uniform.coef, [2.5, 0.5])
+    # From any global model: the mean of the models, not of anything relative to the global.
+    moved, _ = FedAvg().aggregate(ModelParams(np.array([-7.0, 9.0]), 3.0), updates, None)
+    np.testing.assert_allclose(moved.coef, [3.25, -0.25], rtol=0, atol=1e-14)
+    assert moved.intercept == pytest.approx(1.25, abs=1e-14)
 
 
 def test_fedavg_refuses_an_empty_round():
     with pytest.raises(ValueError, match="no client updates"):
-        FedAvg().aggregate(ModelParams.zeros(1), [], {})
+        FedAvg().aggregate(ModelParams.zeros(1), [], None)
 
 
 def test_federated_mean_std_equal_pooled_to_1e9(tmp_path):

@@ -10,6 +10,8 @@ from fl.config import load_config
 from flows.training import federated_training
 from tests.test_flow import SEED
 
+pytestmark = pytest.mark.integration
+
 NAME = "seed-champion"
 
 

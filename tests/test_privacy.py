@@ -1,4 +1,5 @@
-"""DP-FedAvg mechanism (fl.privacy) and its accountant (fl.accounting): fast, no Prefect/MLflow."""
+"""DP-FedAvg (fl.privacy: mechanisms, the wrapper around a strategy) and its accountant
+(fl.privacy.accounting): fast, no Prefect/MLflow."""
 
 from __future__ import annotations
 
@@ -10,17 +11,24 @@ import pytest
 from dp_accounting import pld, rdp
 from scipy import stats
 
-from fl.accounting import PLD_DISCRETIZATION, Accountant, calibrate_noise_multiplier
 from fl.params import ClientUpdate, ModelParams
-from fl.privacy import (
-    DPFedAvg,
+from fl.privacy.accounting import PLD_DISCRETIZATION, Accountant, calibrate_noise_multiplier
+from fl.privacy.dp_fedavg import DPFedAvg, DPState
+from fl.privacy.mechanisms import (
     adapt_clip_norm,
-    client_contribution,
     clip_update,
     noised_mean_update,
-    poisson_sample,
     sum_noise_multiplier,
 )
+from fl.rounds import poisson_sample
+from fl.strategies import Contribution, FedAvg
+from fl.strategies.aggregation import sum_contributions
+
+
+def _dp(z, clip, expected_clients, seed=0, **kwargs) -> DPFedAvg:
+    """DP-FedAvg around FedAvg, its noise from a seeded generator (tests only)."""
+    rng = np.random.default_rng(seed)
+    return DPFedAvg(FedAvg("uniform"), z, clip, expected_clients, rng, **kwargs)
 
 
 def _update(client: int, params: np.ndarray) -> ClientUpdate:
@@ -95,53 +103,76 @@ def test_dpfedavg_without_noise_or_clipping_is_fedavg_of_deltas_with_fixed_denom
     rng = np.random.default_rng(2)
     global_vec = rng.standard_normal(4)
     params = [global_vec + rng.standard_normal(4) for _ in range(5)]
-    strategy = DPFedAvg(noise_multiplier=0.0, clipping_norm=1e9, expected_clients=8.0)
+    strategy = _dp(0.0, 1e9, 8.0)
     new, state = strategy.aggregate(
-        ModelParams.from_vector(global_vec), [_update(i, p) for i, p in enumerate(params)], {}
+        ModelParams.from_vector(global_vec),
+        [_update(i, p) for i, p in enumerate(params)],
+        strategy.init_state(),
     )
     expected = global_vec + sum(p - global_vec for p in params) / 8.0  # 8, not 5 clients
     np.testing.assert_allclose(new.to_vector(), expected, rtol=1e-12)
-    assert state["round"] == 1 and state["clip_norm"] == 1e9
+    assert state.clip_norm == 1e9 and state.unclipped_fraction is None
 
 
 def test_dpfedavg_clips_each_update_before_summing():
     global_vec = np.zeros(3)
     big = np.array([30.0, 40.0, 0.0])  # norm 50, clipped to norm 1
-    strategy = DPFedAvg(noise_multiplier=0.0, clipping_norm=1.0, expected_clients=1.0)
-    new, _ = strategy.aggregate(ModelParams.from_vector(global_vec), [_update(0, big)], {})
+    strategy = _dp(0.0, 1.0, 1.0)
+    new, _ = strategy.aggregate(
+        ModelParams.from_vector(global_vec), [_update(0, big)], strategy.init_state()
+    )
     np.testing.assert_allclose(new.to_vector(), [0.6, 0.8, 0.0])
 
 
-def test_dpfedavg_noise_is_seeded_per_round_and_present_in_empty_rounds():
+def test_dpfedavg_noise_is_fresh_every_round_and_present_in_empty_rounds():
     global_params = ModelParams.zeros(2)
-    strategy = DPFedAvg(noise_multiplier=1.0, clipping_norm=1.0, expected_clients=4.0, seed=5)
-    a, state = strategy.aggregate(global_params, [], {})
-    b, _ = strategy.aggregate(global_params, [], {})
-    c, _ = strategy.aggregate(global_params, [], state)
-    np.testing.assert_array_equal(a.to_vector(), b.to_vector())
-    assert not np.array_equal(a.to_vector(), c.to_vector())
+    strategy = _dp(1.0, 1.0, 4.0, seed=5)
+    a, state = strategy.aggregate(global_params, [], strategy.init_state())
+    b, _ = strategy.aggregate(global_params, [], state)
+    assert not np.array_equal(a.to_vector(), b.to_vector())
     assert np.all(a.to_vector() != 0)  # an empty Poisson sample still releases noise
+    # What was added is exactly N(0, (zC)^2) / (qN) drawn from the injected generator.
+    expected = np.random.default_rng(5).normal(0.0, 1.0, size=3) / 4.0  # 2 coef + intercept
+    np.testing.assert_array_equal(a.to_vector(), expected)
+
+
+def test_the_default_noise_source_is_secret_and_never_repeats():
+    from fl.config import load_config
+    from fl.privacy.plan import plan_privacy
+    from fl.strategies import make_strategy
+
+    config = load_config(None, ["privacy.noise_multiplier=1.0", "experiment.seed=3"])
+    plan = plan_privacy(config, 10)
+    draws = [
+        make_strategy(config, plan).aggregate(
+            ModelParams.zeros(2), [], make_strategy(config, plan).init_state()
+        )[0]
+        for _ in range(2)
+    ]
+    # Same config, same seed: a replay of the seed must not give the same noise.
+    assert not np.array_equal(draws[0].to_vector(), draws[1].to_vector())
 
 
 def test_aggregate_and_aggregate_sum_agree():
     rng = np.random.default_rng(3)
     global_params = ModelParams.from_vector(rng.standard_normal(3))
     updates = [_update(i, rng.standard_normal(3) * 2) for i in range(6)]
-    strategy = DPFedAvg(1.1, 1.0, 6.0, seed=9, adaptive_clipping=True, unclipped_count_stddev=2.0)
-    state = {"round": 4, "clip_norm": 1.3}
+    strategy = _dp(1.1, 1.0, 6.0, seed=9, adaptive_clipping=True, unclipped_count_stddev=2.0)
+    state = DPState(clip_norm=1.3)
+    twin = _dp(1.1, 1.0, 6.0, seed=9, adaptive_clipping=True, unclipped_count_stddev=2.0)
     via_updates = strategy.aggregate(global_params, updates, state)
-    total = sum(client_contribution(global_params, u.params, 1.3) for u in updates)
-    via_sum = strategy.aggregate_sum(global_params, total, len(updates), state)
+    total = sum_contributions(Contribution(weighted=False, clip_norm=1.3), global_params, updates)
+    via_sum = twin.aggregate_sum(global_params, total, len(updates), state)
     np.testing.assert_array_equal(via_updates[0].to_vector(), via_sum[0].to_vector())
     assert via_updates[1] == via_sum[1]
 
 
 def test_dpfedavg_validates_parameters_when_used():
-    strategy = DPFedAvg(noise_multiplier=-1.0, clipping_norm=1.0, expected_clients=5.0)
+    strategy = _dp(-1.0, 1.0, 5.0)
     with pytest.raises(ValueError, match="noise_multiplier"):
-        strategy.aggregate(ModelParams.zeros(1), [], {})
-    with pytest.raises(ValueError, match="contribution_sum"):
-        DPFedAvg(1.0, 1.0, 5.0).aggregate_sum(ModelParams.zeros(1), np.zeros(2), 0, {})
+        strategy.aggregate(ModelParams.zeros(1), [], DPState(1.0))
+    with pytest.raises(ValueError, match="contribution sum"):
+        _dp(1.0, 1.0, 5.0).aggregate_sum(ModelParams.zeros(1), np.zeros(2), 0, DPState(1.0))
 
 
 # --- adaptive clipping ----------------------------------------------------------------------
@@ -164,19 +195,13 @@ def test_adaptive_clip_norm_moves_towards_the_target_quantile_from_both_sides(st
     deltas = directions / np.linalg.norm(directions, axis=1, keepdims=True) * norms[:, None]
     global_params = ModelParams.zeros(2)
     updates = [_update(i, d) for i, d in enumerate(deltas)]
-    strategy = DPFedAvg(
-        noise_multiplier=1.0,
-        clipping_norm=start,
-        expected_clients=float(num_clients),
-        seed=1,
-        adaptive_clipping=True,
-    )
-    state: dict = {}
+    strategy = _dp(1.0, start, float(num_clients), seed=1, adaptive_clipping=True)
+    state = strategy.init_state()
     history, fractions = [start], []
     for _ in range(80):
         _, state = strategy.aggregate(global_params, updates, state)
-        history.append(state["clip_norm"])
-        fractions.append(state["unclipped_fraction"])
+        history.append(state.clip_norm)
+        fractions.append(state.unclipped_fraction)
     moves = np.diff(history[:20])
     if start < 2.0:
         assert np.all(moves > 0), "C far below every update norm must grow"
@@ -207,17 +232,17 @@ def test_adaptive_noise_split_costs_the_same_as_one_gaussian():
 def test_adaptive_noise_split_needs_room():
     with pytest.raises(ValueError, match="2 \\* unclipped_count_stddev"):
         sum_noise_multiplier(1.0, 0.5)
-    strategy = DPFedAvg(1.0, 1.0, expected_clients=10.0, adaptive_clipping=True)  # sigma_b 0.5
+    strategy = _dp(1.0, 1.0, 10.0, adaptive_clipping=True)  # sigma_b 0.5
     with pytest.raises(ValueError, match="noise_multiplier"):
-        strategy.aggregate(ModelParams.zeros(1), [], {})
+        strategy.aggregate(ModelParams.zeros(1), [], strategy.init_state())
 
 
 def test_adaptive_clipping_applies_z_delta_to_the_sum():
-    strategy = DPFedAvg(
-        1.2, 0.5, expected_clients=1.0, adaptive_clipping=True, unclipped_count_stddev=5.0
-    )
+    strategy = _dp(1.2, 0.5, 1.0, adaptive_clipping=True, unclipped_count_stddev=5.0)
     dim = 40_000
-    new, _ = strategy.aggregate_sum(ModelParams.zeros(dim - 1), np.zeros(dim + 1), 0, {})
+    new, _ = strategy.aggregate_sum(
+        ModelParams.zeros(dim - 1), np.zeros(dim + 2), 0, strategy.init_state()
+    )
     sigma = sum_noise_multiplier(1.2, 5.0) * 0.5
     statistic = (dim - 1) * new.to_vector().var(ddof=1) / sigma**2
     p = 2 * min(stats.chi2.cdf(statistic, dim - 1), stats.chi2.sf(statistic, dim - 1))

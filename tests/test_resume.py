@@ -12,10 +12,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from mlflow import MlflowClient
 
 from fl.config import load_config
 from fl.simulation import simulate
+
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 12

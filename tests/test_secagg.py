@@ -6,21 +6,19 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from fl.config import ConfigError, load_config
 from fl.params import ClientUpdate, ModelParams
-from fl.privacy import DPFedAvg, client_contribution
-from fl.secagg import (
+from fl.privacy.dp_fedavg import DPFedAvg
+from fl.secagg.bonawitz import SecAggClient, SecAggServer, secure_sum
+from fl.secagg.primitives import (
     SHAMIR_PRIME,
     FixedPoint,
     SecAggAbort,
-    SecAggClient,
-    SecAggServer,
-    check_secure_aggregation,
     prg,
-    secure_sum,
     shamir_reconstruct,
     shamir_split,
-    supports_secure_aggregation,
 )
+from fl.strategies import Contribution, FedAvg
 
 
 def _seeds(ids, seed=0) -> dict[int, bytes]:
@@ -213,30 +211,38 @@ def test_server_refuses_a_sum_that_could_overflow():
 # --- fitting with the rest of fl/ -------------------------------------------------------------
 
 
-def test_only_sum_based_strategies_run_under_secure_aggregation():
-    assert supports_secure_aggregation("fedavg")
-    for name in ("median", "trimmed_mean", "krum", "something-new"):
-        assert not supports_secure_aggregation(name)
-        with pytest.raises(ValueError, match="server.strategy"):
-            check_secure_aggregation(name)
-    check_secure_aggregation("fedavg")
+def test_only_known_sum_based_strategies_run_under_secure_aggregation():
+    load_config(None, ["privacy.secure_aggregation=true", "server.strategy='fedavg'"])
+    with pytest.raises(ConfigError, match=r"^server.strategy: "):
+        load_config(None, ["privacy.secure_aggregation=true", "server.strategy='something-new'"])
 
 
-def test_dp_fedavg_over_a_secure_sum_matches_the_plain_sum():
+@pytest.mark.parametrize("weighted", [True, False])
+def test_a_secure_sum_of_contributions_aggregates_as_the_plain_sum(weighted):
     rng = np.random.default_rng(7)
     global_params = ModelParams.from_vector(rng.standard_normal(3))
-    clip_norm = 0.5
-    params = {u: ModelParams.from_vector(rng.standard_normal(3)) for u in range(10)}
-    contributions = {u: client_contribution(global_params, p, clip_norm) for u, p in params.items()}
-    codec = FixedPoint(bound=max(clip_norm, 1.0))
-    secure = secure_sum(contributions, threshold=6, codec=codec, seeds=_seeds(range(10), 7))
-    strategy = DPFedAvg(0.8, clip_norm, expected_clients=10.0, seed=3)
-    via_secagg, _ = strategy.aggregate_sum(global_params, secure.total, len(secure.included), {})
-    updates = [ClientUpdate(str(u), p, 1, {}) for u, p in params.items()]
-    plain, _ = strategy.aggregate(global_params, updates, {})
-    np.testing.assert_allclose(
-        via_secagg.to_vector(),
-        plain.to_vector(),
-        rtol=0,
-        atol=len(params) * codec.resolution / 2 / 10.0,
-    )
+    updates = [
+        ClientUpdate(str(u), ModelParams.from_vector(rng.standard_normal(3)), 10 + 7 * u, {})
+        for u in range(10)
+    ]
+    if weighted:  # FedAvg, example-weighted, no DP: counts summed masked inside the vector
+        strategy, contribution = FedAvg(), Contribution(weighted=True)
+    else:  # DP-FedAvg: clipped, equal weights; the same injected noise on both sums
+        strategy = DPFedAvg(FedAvg("uniform"), 0.8, 0.5, 10.0, np.random.default_rng(3))
+        twin = DPFedAvg(FedAvg("uniform"), 0.8, 0.5, 10.0, np.random.default_rng(3))
+        contribution = Contribution(weighted=False, clip_norm=0.5)
+    codec = FixedPoint(bound=contribution.bound(len(updates)))
+    vectors = {u: contribution.vector(global_params, up) for u, up in enumerate(updates)}
+    secure = secure_sum(vectors, threshold=6, codec=codec, seeds=_seeds(range(10), 7))
+    state = strategy.init_state()
+    via_secagg, _ = strategy.aggregate_sum(global_params, secure.total, len(secure.included), state)
+    plain, _ = (strategy if weighted else twin).aggregate(global_params, updates, state)
+    # Each of the 10 summands is rounded to within half the resolution; the weighted mean
+    # divides by the summed weights (>= 10), DP by the fixed denominator 10.
+    atol = len(updates) * codec.resolution / 2 / 10.0
+    if weighted:
+        atol = len(updates) * codec.resolution / 2 * 2 / sum(u.num_examples for u in updates)
+        n = np.array([u.num_examples for u in updates], dtype=float)
+        by_hand = (n[:, None] * [u.params.to_vector() for u in updates]).sum(0) / n.sum()
+        np.testing.assert_allclose(via_secagg.to_vector(), by_hand, rtol=0, atol=1e-12 + atol)
+    np.testing.assert_allclose(via_secagg.to_vector(), plain.to_vector(), rtol=0, atol=atol)

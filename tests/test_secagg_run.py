@@ -1,4 +1,4 @@
-"""Secure aggregation with keys once per run (fl.secagg_run): sums across rounds, masking,
+"""Secure aggregation with keys once per run (fl.secagg.run_keys): sums across rounds, masking,
 dropouts at either step, failing closed, and what a client refuses to reveal."""
 
 from __future__ import annotations
@@ -6,16 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fl.secagg import FixedPoint, SecAggAbort, prg
-from fl.secagg_run import (
-    FIELD,
-    Quorum,
-    RunKeysClient,
-    RunKeysServer,
-    rebuild_seeds,
-    share_holders,
-    split_seed,
-)
+from fl.secagg.primitives import FIELD, FixedPoint, SecAggAbort, prg, rebuild_seeds, split_seed
+from fl.secagg.run_keys import Quorum, RunKeysClient, RunKeysServer, share_holders
 from tests.test_secagg import UNIFORM_P, _seeds, _top_byte_p_value
 
 
