@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,7 +20,9 @@ os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
 def _fast_tier_stays_pure(request):
     """A test that needs Prefect or MLflow is plumbing: it must be marked ``integration``, so
     that ``pytest -m "not integration"`` stays the fast tier over the pure core."""
-    plumbing = {"prefect_api", "mlflow_uri", "mlflow_template"} & set(request.fixturenames)
+    plumbing = {"prefect_api", "prefect_api_url", "mlflow_uri", "mlflow_template"} & set(
+        request.fixturenames
+    )
     if plumbing and request.node.get_closest_marker("integration") is None:
         pytest.fail(f"uses {sorted(plumbing)} but is not marked integration")
 
@@ -31,6 +34,26 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=60):
         yield
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url(prefect_api) -> str:
+    """The shared temporary API's URL, for a ``fedtune`` subprocess to use
+    (``PREFECT_API_URL``) instead of starting a temporary server of its own."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
+def cli_env(tmp_path, api_url: str | None = None) -> dict[str, str]:
+    """A new user's environment for a ``fedtune`` subprocess (no PREFECT_/MLFLOW_ settings of
+    ours), with this checkout importable; with ``api_url``, the shared Prefect API."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    if api_url is not None:
+        env["PREFECT_API_URL"] = api_url
+    return env
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ the task run still ends Failed with that line, and crashes are still retried."""
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import write_client_files
+from tests.conftest import cli_env, write_client_files
 
 BAD_ROW = 7
 
@@ -30,12 +29,10 @@ def _clients_with_one_bad_file(directory: Path) -> Path:
 
 
 @pytest.mark.integration
-def test_a_bad_client_file_is_one_line_and_the_rest_train(tmp_path):
+def test_a_bad_client_file_is_one_line_and_the_rest_train(tmp_path, prefect_api_url):
     bad = _clients_with_one_bad_file(tmp_path / "clients")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    env = cli_env(tmp_path, prefect_api_url)  # the shared API: no temporary server to start
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     sets = [
         "data.source=files",
         f"data.path={bad.parent}",

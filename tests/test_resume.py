@@ -17,25 +17,24 @@ from mlflow import MlflowClient
 
 from fl.config import load_config
 from fl.simulation import simulate
+from tests.conftest import cli_env
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
-ROUNDS = 12
+ROUNDS = 40  # enough that the poller below sees a checkpoint well before the last round
 OVERRIDES = [f"rounds.num_rounds={ROUNDS}", "data.num_clients=20", "rounds.clients_per_round=8"]
 
 
-def _fedtune(tmp_path: Path, *args: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(ROOT))
+def _fedtune(tmp_path: Path, api_url: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "run", *args],
         cwd=tmp_path,
-        env=env,
+        env=cli_env(tmp_path, api_url),  # the shared Prefect API: SIGKILL kills only the run
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        start_new_session=True,  # its own process group: the temporary server dies with it
+        start_new_session=True,
     )
 
 
@@ -51,9 +50,9 @@ def _checkpointed_round(client: MlflowClient) -> tuple[str, int] | None:
     return None
 
 
-def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, prefect_api_url):
     sets = [a for o in OVERRIDES for a in ("--set", o)]
-    proc = _fedtune(tmp_path, *sets)
+    proc = _fedtune(tmp_path, prefect_api_url, *sets)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     deadline = time.monotonic() + 240
     try:
@@ -74,7 +73,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     run_id, killed_after = seen
     assert killed_after < ROUNDS
 
-    resumed = _fedtune(tmp_path, "--resume", run_id, "--output", "s.json")
+    resumed = _fedtune(tmp_path, prefect_api_url, "--resume", run_id, "--output", "s.json")
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out[-3000:]
     assert f"resuming run {run_id} after round" in out
