@@ -1,5 +1,8 @@
-"""Injected faults for simulations: crashing, failing and slow clients, seeded so that a run
-with faults is reproducible (and a retry is a fresh draw)."""
+"""Injected faults for simulations: crashing, failing, slow and Byzantine clients, seeded so that
+a run with faults is reproducible (and a retry is a fresh draw).
+
+:func:`train` is what both the in-process exchange and the Prefect tasks run, so the faults act
+the same in the plain loop and in the flow."""
 
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ from fl.data import ClientRef
 from fl.params import ClientUpdate, FeatureStats, ModelParams
 
 _STREAM_FAULTS = 51
+_STREAM_BYZANTINE = 52
+_STREAM_BYZANTINE_NOISE = 53
 
 
 class InjectedFault(RuntimeError):
@@ -49,6 +54,49 @@ def corrupt(faults: FaultsConfig, update: ClientUpdate) -> ClientUpdate:
     return replace(update, params=nan)
 
 
+def is_byzantine(faults: FaultsConfig, seed: int, client_id: str) -> bool:
+    """Whether ``client_id`` is Byzantine in runs seeded ``seed``: a uniform draw seeded by
+    ``(seed, client id)`` alone falls below ``byzantine_fraction``.
+
+    So about that fraction of the clients are Byzantine (a binomial count, not an exact one),
+    and a client's role never depends on which other clients exist, answer or are sampled: it
+    is the same in every exchange, round and retry, and needs no registry.
+    """
+    if not faults.byzantine_fraction:
+        return False
+    key = [seed, _STREAM_BYZANTINE, zlib.crc32(client_id.encode())]
+    return bool(
+        np.random.default_rng(np.random.SeedSequence(key)).random() < faults.byzantine_fraction
+    )
+
+
+def attack(
+    faults: FaultsConfig,
+    seed: int,
+    round_num: int,
+    global_params: ModelParams,
+    update: ClientUpdate,
+) -> ClientUpdate:
+    """The update a Byzantine client sends instead of its honest ``update`` (which it returns
+    unchanged if the client is honest). With ``delta`` the honest update minus the global model:
+    ``sign-flip`` sends global - delta; ``scale`` sends global + ``byzantine_scale`` * delta;
+    ``gaussian`` sends global + N(0, ``byzantine_scale``^2) noise in every coordinate, seeded by
+    (seed, round, client). Example count and metrics stay the honest ones."""
+    if not is_byzantine(faults, seed, update.client_id):
+        return update
+    base = global_params.to_vector()
+    delta = update.params.to_vector() - base
+    if faults.byzantine_kind == "sign-flip":
+        sent = base - delta
+    elif faults.byzantine_kind == "scale":
+        sent = base + faults.byzantine_scale * delta
+    else:
+        key = [seed, _STREAM_BYZANTINE_NOISE, round_num, zlib.crc32(update.client_id.encode())]
+        noise = np.random.default_rng(np.random.SeedSequence(key)).normal(size=base.shape)
+        sent = base + abs(faults.byzantine_scale) * noise
+    return replace(update, params=ModelParams.from_vector(sent))
+
+
 def train(
     faults: FaultsConfig | None,
     ref: ClientRef,
@@ -59,9 +107,10 @@ def train(
     attempt: int = 1,
     sleep: Callable[[float], None] = time.sleep,
 ) -> ClientUpdate:
-    """:func:`fl.client.train`, failing, slowed (through ``sleep``) or corrupted as ``faults``
-    (if any) says for this client, round and attempt."""
+    """:func:`fl.client.train`, failing, slowed (through ``sleep``), turned Byzantine or
+    corrupted as ``faults`` (if any) says for this client, round and attempt."""
     if faults is None:
         return client.train(ref, global_params, stats, cfg, round_num)
     inject(faults, ref.seed, round_num, ref.client_id, attempt, sleep)
-    return corrupt(faults, client.train(ref, global_params, stats, cfg, round_num))
+    honest = client.train(ref, global_params, stats, cfg, round_num)
+    return corrupt(faults, attack(faults, ref.seed, round_num, global_params, honest))
