@@ -175,13 +175,40 @@ class ClientConfig(_Section):
     personalize_epochs: int = Field(0, ge=0)
     """After the last round every client fine-tunes the final model locally for this many
     epochs and reports its test MSE before and after (0: no personalization report)."""
+    proximal_mu: float = Field(0.0, ge=0)
+    """FedProx (Li et al., 2020): each client minimises its loss plus
+    ``proximal_mu / 2 * ||w - w_global||^2``, which keeps local models near the global one on
+    heterogeneous data. 0 is plain local training. Needs ``penalty`` l2 or none."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ClientConfig:
+        if self.proximal_mu and self.penalty not in ("l2", None):
+            raise ValueError(
+                f"client.proximal_mu: needs client.penalty l2 or none, not {self.penalty}"
+            )
+        return self
 
 
 class ServerConfig(_Section):
     """How the server screens client updates and aggregates them."""
 
-    strategy: Literal["fedavg"] = "fedavg"
-    """Aggregation strategy: FedAvg (McMahan et al., 2017)."""
+    strategy: Literal[
+        "fedavg",
+        "fedavgm",
+        "fedadam",
+        "fedyogi",
+        "fedadagrad",
+        "median",
+        "trimmed-mean",
+        "krum",
+        "multi-krum",
+    ] = "fedavg"
+    """Aggregation strategy. Sum-based (run under secure aggregation and DP): ``fedavg``
+    (McMahan et al., 2017), ``fedavgm`` (server momentum; Hsu et al., 2019), ``fedadam``,
+    ``fedyogi``, ``fedadagrad`` (server optimizers; Reddi et al., 2021). Robust, needing every
+    individual update: ``median`` (coordinate-wise; Yin et al., 2018), ``trimmed-mean``,
+    ``krum`` and ``multi-krum`` (Blanchard et al., 2017). Which to pick:
+    docs/benchmarks.md."""
     weighting: Literal["num_examples", "uniform"] | None = None
     """How the strategy weighs each client's update: by its training examples
     (``"num_examples"``, FedAvg's choice, the default without DP; under secure aggregation the
@@ -190,6 +217,25 @@ class ServerConfig(_Section):
     max_update_norm: float | None = Field(None, gt=0)
     """Reject a client's update whose L2 distance from the global model (standardised units)
     exceeds this. Non-finite updates are always rejected."""
+    learning_rate: float | None = Field(None, gt=0)
+    """Server learning rate of ``fedavgm``, ``fedadam``, ``fedyogi`` and ``fedadagrad`` (eta in
+    Reddi et al.); default ``1 - momentum`` for ``fedavgm`` (a steady update then moves the
+    model as far as FedAvg's), 0.1 for the adaptive ones, whose step is about eta per
+    coordinate and round in standardised units: tune it (docs/benchmarks.md)."""
+    momentum: float = Field(0.9, ge=0, lt=1)
+    """``fedavgm``'s server momentum (beta)."""
+    beta1: float = Field(0.9, ge=0, lt=1)
+    """First-moment decay of ``fedadam`` and ``fedyogi`` (and ``fedadagrad``'s momentum)."""
+    beta2: float = Field(0.99, ge=0, lt=1)
+    """Second-moment decay of ``fedadam`` and ``fedyogi``."""
+    tau: float = Field(1e-3, gt=0)
+    """Adaptivity (epsilon) of the server optimizers: the smallest denominator, and the
+    initial second moment is ``tau ** 2``."""
+    trim_fraction: float = Field(0.1, ge=0, lt=0.5)
+    """``trimmed-mean``: the fraction of values dropped at *each* end of every coordinate."""
+    byzantine_clients: int = Field(0, ge=0)
+    """``krum`` and ``multi-krum``: f, the number of Byzantine clients to tolerate (a round
+    needs more than 2f + 2 updates). ``multi-krum`` averages the n - f best-scored updates."""
 
 
 class PrivacyConfig(_Section):
@@ -259,6 +305,17 @@ class FaultsConfig(_Section):
     """Client ids whose updates take ``slowdown_s`` longer."""
     slowdown_s: float = Field(0.0, ge=0)
     """Extra seconds each update of a ``slow_clients`` client takes."""
+    byzantine_fraction: float = Field(0.0, ge=0, lt=1)
+    """About this fraction of the clients are Byzantine (each client's role is a seeded draw
+    from the seed and its id alone, so it is the same in every exchange and round): every
+    update they send is corrupted as ``byzantine_kind`` says."""
+    byzantine_kind: Literal["sign-flip", "scale", "gaussian"] = "sign-flip"
+    """With Δ the honest update (trained model minus the global one): ``sign-flip`` sends the
+    global model minus Δ; ``scale`` the global model plus ``byzantine_scale`` · Δ; ``gaussian``
+    the global model plus N(0, ``byzantine_scale``^2) noise in every coordinate."""
+    byzantine_scale: float = -20.0
+    """The factor of ``scale`` attacks, the standard deviation of ``gaussian`` ones (its
+    absolute value)."""
 
 
 class FLConfig(_Section):

@@ -255,15 +255,21 @@ class Run:
             return Returned([], [(ref.client_id, str(exc)) for ref in sampled])
 
     def _too_few(self, updates: list, failures: Failures, r: int) -> str | None:
-        """Why round ``r`` cannot aggregate, or None. Under DP every round aggregates (an empty
-        Poisson sample adds noise only): the number of clients is private."""
+        """Why round ``r`` cannot aggregate, or None: fewer updates than ``rounds.min_clients``
+        or than the strategy itself needs (Krum: more than 2f + 2). Under DP every round
+        aggregates (an empty Poisson sample adds noise only): the number of clients is private."""
+        if self.plan is not None:
+            return None
         need = self.config.rounds.min_clients
-        if self.plan is not None or len(updates) >= need:
+        problem = (
+            f"{len(updates)} usable update(s), rounds.min_clients is {need}"
+            if len(updates) < need
+            else self.strategy.too_few(len(updates))
+        )
+        if problem is None:
             return None
         reasons = "; ".join(f"{cid}: {why}" for cid, why in failures[:3])
-        return (
-            f"round {r}: {len(updates)} usable update(s), rounds.min_clients is {need} ({reasons})"
-        )
+        return f"round {r}: {problem} ({reasons})" if reasons else f"round {r}: {problem}"
 
     def _score_previous(self, state: RunState, r: int, updates: list, record: RoundRecord) -> bool:
         """Credit the previous model with the score this round's clients gave it; True when

@@ -14,7 +14,6 @@ import shutil
 import time
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import dp_accounting
 import numpy as np
@@ -33,7 +32,7 @@ from fl.secagg.primitives import FRAC_BITS
 from fl.secagg.run_keys import RunKeysClient, share_holders
 from fl.simulation import in_process_exchange, simulate
 from fl.statistics import combine_reports
-from fl.strategies import check_strategy, make_strategy
+from fl.strategies import make_strategy
 from tests.conftest import write_client_files
 
 SEED = Path(__file__).resolve().parents[1] / "configs" / "seed.toml"
@@ -637,28 +636,8 @@ def test_a_dp_checkpoint_restores_the_accountant_and_the_clip_norm():
 
 def test_an_unknown_strategy_is_refused_by_config():
     with pytest.raises(ConfigError) as exc:
-        load_config(None, ["server.strategy='krum'"])
+        load_config(None, ["server.strategy='no-such-strategy'"])
     assert one_line_error(exc).startswith("server.strategy: ")
 
 
-@pytest.mark.parametrize(
-    ("privacy", "key"),
-    [
-        ({"secure_aggregation": True, "dp": False}, "privacy.secure_aggregation"),
-        ({"secure_aggregation": False, "dp": True}, "privacy.noise_multiplier"),
-    ],
-)
-def test_an_order_statistic_strategy_is_refused_under_privacy(monkeypatch, privacy, key):
-    class Median:
-        sum_based = False
-
-    monkeypatch.setitem(fl.strategies.STRATEGIES, "median", Median)
-    config = SimpleNamespace(
-        server=SimpleNamespace(strategy="median", weighting=None),
-        privacy=SimpleNamespace(**privacy),
-    )
-    with pytest.raises(ValueError) as exc:
-        check_strategy(config)
-    message = one_line_error(exc)
-    assert message.startswith("server.strategy: 'median' needs every individual update")
-    assert key in message
+# Robust strategies' refusal under secure aggregation and DP: tests/test_strategies_robust.py.

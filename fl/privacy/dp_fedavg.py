@@ -129,6 +129,9 @@ class DPFedAvg:
     def init_state(self) -> DPState:
         return DPState(self.clipping_norm, None, self.inner.init_state())
 
+    def too_few(self, num_updates: int) -> str | None:
+        return None  # an empty Poisson sample is a valid, noise-only round
+
     def save_state(self, state: DPState) -> dict[str, Any]:
         return {
             "clip_norm": state.clip_norm,
@@ -140,7 +143,7 @@ class DPFedAvg:
         return DPState(
             float(data["clip_norm"]),
             data.get("unclipped_fraction"),
-            self.inner.load_state(data.get("inner", {})),
+            self.inner.load_state(data["inner"]),
         )
 
     def clip_norm(self, state: DPState) -> float:

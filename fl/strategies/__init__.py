@@ -10,12 +10,29 @@ import numpy as np
 
 from fl.config import FLConfig
 from fl.strategies.aggregation import Contribution, Strategy, SumStrategy
+from fl.strategies.fedadagrad import FedAdagrad
+from fl.strategies.fedadam import FedAdam
 from fl.strategies.fedavg import FedAvg
+from fl.strategies.fedavgm import FedAvgM
+from fl.strategies.fedyogi import FedYogi
+from fl.strategies.krum import Krum, MultiKrum
+from fl.strategies.median import Median
+from fl.strategies.trimmed_mean import TrimmedMean
 
 if TYPE_CHECKING:
     from fl.privacy.plan import PrivacyPlan
 
-STRATEGIES: dict[str, type[SumStrategy]] = {"fedavg": FedAvg}
+STRATEGIES: dict[str, type[Strategy]] = {
+    "fedavg": FedAvg,
+    "fedavgm": FedAvgM,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedadagrad": FedAdagrad,
+    "median": Median,
+    "trimmed-mean": TrimmedMean,
+    "krum": Krum,
+    "multi-krum": MultiKrum,
+}
 """``server.strategy`` names and their classes."""
 
 SUM_STRATEGIES = frozenset(name for name, cls in STRATEGIES.items() if cls.sum_based)
@@ -32,6 +49,8 @@ def check_strategy(config: FLConfig) -> None:
     secure, dp = config.privacy.secure_aggregation, config.privacy.dp
     if (secure or dp) and name not in SUM_STRATEGIES:
         key = "privacy.secure_aggregation" if secure else "privacy.noise_multiplier"
+        if not secure and config.privacy.noise_multiplier is None:
+            key = "privacy.target_epsilon"  # the key that turned DP on
         raise ValueError(
             f"server.strategy: {name!r} needs every individual update, which {key} hides or "
             f"noises; use a sum-based strategy ({', '.join(sorted(SUM_STRATEGIES))})"
@@ -50,9 +69,11 @@ def make_strategy(
     :func:`fl.privacy.plan.plan_privacy`) is a DP plan. ``rng`` is the DP noise source: a
     secret one (:func:`fl.privacy.mechanisms.secret_rng`) unless a test injects its own."""
     check_strategy(config)
-    inner = STRATEGIES[config.server.strategy](weighting=config.server.weighting or "num_examples")
     if plan is None:
-        return inner
+        return STRATEGIES[config.server.strategy].from_config(config.server)
+    # Under DP the wrapper weighs every client the same; the inner strategy says so too.
+    uniform = config.server.model_copy(update={"weighting": "uniform"})
+    inner = STRATEGIES[config.server.strategy].from_config(uniform)
     from fl.privacy.dp_fedavg import DPFedAvg
     from fl.privacy.mechanisms import secret_rng
 

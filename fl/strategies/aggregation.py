@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from fl.config import ServerConfig
 from fl.params import ClientUpdate, ModelParams
 from fl.privacy.mechanisms import clip_update
 from fl.secagg.primitives import FRAC_BITS
@@ -38,7 +39,17 @@ class Strategy(Protocol):
     strategy also has :meth:`SumStrategy.contribution` and :meth:`SumStrategy.aggregate_sum`,
     and runs under secure aggregation)."""
 
+    @classmethod
+    def from_config(cls, server: ServerConfig) -> Strategy:
+        """The strategy as ``[server]`` configures it."""
+        ...
+
     def init_state(self) -> Any: ...
+
+    def too_few(self, num_updates: int) -> str | None:
+        """Why a round of ``num_updates`` usable updates cannot be aggregated (Krum needs more
+        than 2f + 2), or None."""
+        ...
 
     def aggregate(
         self, global_params: ModelParams, updates: list[ClientUpdate], state: Any
@@ -107,7 +118,16 @@ class SumStrategy:
     def __init__(self, weighting: str = "num_examples"):
         self.weighting = weighting
 
+    @classmethod
+    def from_config(cls, server: ServerConfig) -> SumStrategy:
+        """The strategy as ``[server]`` configures it (subclasses with more parameters read
+        their own keys)."""
+        return cls(weighting=server.weighting or "num_examples")
+
     def init_state(self) -> Any:
+        return None
+
+    def too_few(self, num_updates: int) -> str | None:
         return None
 
     def save_state(self, state: Any) -> dict[str, Any]:
