@@ -139,9 +139,10 @@ class ClientUpdate:
 
 @dataclass(frozen=True)
 class MaskedUpdate:
-    """What crosses back under secure aggregation: the client's contribution (clipped update
-    and unclipped flag) encoded and masked, so the server learns it only as part of the sum,
-    plus the same scalars as a :class:`ClientUpdate`."""
+    """What crosses back under secure aggregation: the client's contribution
+    (:class:`fl.strategies.aggregation.Contribution`: weighted update, weight, unclipped flag)
+    encoded and masked, so the server learns it only as part of the sum, plus the same scalars
+    as a :class:`ClientUpdate`."""
 
     client_id: str
     masked: Any

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 
-import dp_accounting
 import numpy as np
 import pytest
 from mlflow import MlflowClient
@@ -16,6 +15,7 @@ from fl.config import load_config
 from fl.secagg.run_keys import Quorum, share_holders
 from fl.simulation import simulate
 from flows.training import federated_training
+from tests.test_engine import independent_epsilon
 from tests.test_flow import _task_runs
 
 pytestmark = pytest.mark.integration
@@ -31,19 +31,6 @@ DP = [
 ]
 
 
-def _independent_epsilon(q: float, z: float, rounds: int, delta: float) -> float:
-    event = dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), rounds
-    )
-    rdp = dp_accounting.rdp.RdpAccountant().compose(event).get_epsilon(delta)
-    pld = (
-        dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
-        .compose(event)
-        .get_epsilon(delta)
-    )
-    return min(rdp, pld)
-
-
 def test_dp_flow_reports_the_accountants_epsilon_every_round(prefect_api, mlflow_uri):
     config = load_config(None, DP)
     result = federated_training(config)
@@ -51,7 +38,7 @@ def test_dp_flow_reports_the_accountants_epsilon_every_round(prefect_api, mlflow
     history = sorted(client.get_metric_history(result.run_id, "dp_epsilon"), key=lambda m: m.step)
     assert [m.step for m in history] == [1, 2, 3, 4]
     for m in history:
-        assert m.value == pytest.approx(_independent_epsilon(0.25, 1.1, m.step, 1e-4), abs=1e-6)
+        assert m.value == pytest.approx(independent_epsilon(0.25, 1.1, m.step, 1e-4), abs=1e-6)
     assert np.diff([m.value for m in history]).min() > 0
     summary = client.get_run(result.run_id).data
     assert summary.metrics["dp_noise_multiplier"] == 1.1
