@@ -12,6 +12,14 @@ milliseconds per client update (flow wall time over rounds x clients: local trai
 per-round federated evaluation and all MLflow logging included), MLflow logging seconds
 (the same logging calls timed on their own), and the same training as a plain Python loop
 over ``fl`` (no orchestration, no tracking) for comparison, measured in the same process.
+
+many-small also runs the flow with one task per client (``rounds.clients_per_task=1``) after
+the default (``"auto"``: batches of clients), and prints both, their ratios (whole runs, and
+rounds alone) and the tasks per round (``batching``); a 2-round warm-up flow comes first. If
+``flwr`` is importable (it is not a fedtune dependency: ``pip install "flwr[simulation]"``), it
+times Flower's simulation of the same workload too (``flower``: Ray backend, FedAvg by
+examples, each ClientApp training with ``fl.client.train``; Ray's start-up included, reported
+apart); else ``flower`` says it is not installed.
 """
 
 from __future__ import annotations
@@ -67,6 +75,115 @@ def _mlflow_seconds(config, result) -> float:
     return time.perf_counter() - start
 
 
+def _round_seconds(result) -> float:
+    return sum(h["round_seconds"] for h in result.history) / len(result.history)
+
+
+def _per_client_tasks(config, auto, auto_wall: float, updates: int) -> dict:
+    """The flow again with one Prefect task per client, against the default batching (whole
+    runs, and the rounds alone: the statistics and final-report tasks stay one per client)."""
+    from flows.exchange import client_batches
+    from flows.training import federated_training
+
+    per_client = config.model_copy(
+        update={"rounds": config.rounds.model_copy(update={"clients_per_task": 1})}
+    )
+    start = time.perf_counter()
+    result = federated_training(per_client)
+    wall = time.perf_counter() - start
+    n = config.rounds.clients_per_round or config.data.num_clients
+    return {
+        "clients_per_task": config.rounds.clients_per_task,
+        "tasks_per_round": len(client_batches(list(range(n)), config.rounds.clients_per_task)),
+        "ms_per_client_update": round(1000 * auto_wall / updates, 3),
+        "seconds_per_round": round(_round_seconds(auto), 4),
+        "per_client_tasks_wall_seconds": round(wall, 3),
+        "per_client_tasks_ms_per_client_update": round(
+            1000 * wall / sum(h["clients_ok"] for h in result.history), 3
+        ),
+        "per_client_tasks_seconds_per_round": round(_round_seconds(result), 4),
+        "speedup_vs_per_client_tasks": round(wall / auto_wall, 2),
+        "round_speedup_vs_per_client_tasks": round(
+            _round_seconds(result) / _round_seconds(auto), 2
+        ),
+    }
+
+
+def _flower(config, plain) -> dict:
+    """Flower's simulation of the same rounds: every client trains with ``fl.client.train`` in
+    a ``ClientApp`` (Ray actors), the ``ServerApp`` runs FedAvg weighted by examples. No
+    per-round central evaluation or tracking (fedtune's flow has both)."""
+    try:
+        import flwr
+    except ImportError:
+        return {"installed": False, "note": "flwr is not installed: pip install 'flwr[simulation]'"}
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    import logging
+
+    import numpy as np
+    from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.simulation import run_simulation
+
+    from fl import client as fl_client
+    from fl.data import registry
+    from fl.params import ModelParams
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    refs, stats, cfg = registry(config.data, config.experiment.seed), plain.stats, config.client
+    n, rounds = len(refs), config.rounds.num_rounds
+    client_app, server_app, final = ClientApp(), ServerApp(), {}
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        coef, intercept = msg.content["arrays"].to_numpy_ndarrays()
+        update = fl_client.train(
+            refs[int(context.node_config["partition-id"])],
+            ModelParams(coef, float(intercept[0])),
+            stats,
+            cfg,
+            int(msg.content["config"]["server-round"]),
+        )
+        arrays = ArrayRecord([update.params.coef, np.array([update.params.intercept])])
+        metrics = MetricRecord({"num-examples": update.num_examples})
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        strategy = FedAvg(
+            fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n
+        )
+        zeros = ModelParams.zeros(len(plain.feature_names))
+        initial = ArrayRecord([zeros.coef, np.array([zeros.intercept])])
+        started = time.perf_counter()
+        result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds)
+        final["rounds_seconds"] = time.perf_counter() - started
+        final["arrays"] = result.arrays.to_numpy_ndarrays()
+
+    start = time.perf_counter()
+    run_simulation(
+        server_app,
+        client_app,
+        num_supernodes=n,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
+    wall = time.perf_counter() - start
+    coef, intercept = final["arrays"]
+    raw = ModelParams(coef, float(intercept[0])).to_raw(stats)
+    return {
+        "installed": True,
+        "version": flwr.__version__,
+        "wall_seconds": round(wall, 3),
+        "rounds_seconds": round(final["rounds_seconds"], 3),
+        "ms_per_client_update": round(1000 * final["rounds_seconds"] / (n * rounds), 3),
+        "max_abs_coef_diff_vs_plain_loop": max(
+            abs(a - b) for a, b in zip(raw.coef, plain.params.to_raw(plain.stats).coef, strict=True)
+        ),
+    }
+
+
 def run(name: str) -> dict:
     import logging
 
@@ -85,6 +202,11 @@ def run(name: str) -> dict:
     from mlflow import MlflowClient
 
     MlflowClient(uri).search_experiments()  # migrations, outside the measurement
+    if name == "many-small":
+        # Two flows are compared: the one-off costs of a process's first flow (the first logged
+        # model takes seconds) are paid by a 2-round warm-up, not by whichever runs first.
+        warm = config.rounds.model_copy(update={"num_rounds": 2})
+        federated_training(config.model_copy(update={"rounds": warm}))
 
     start = time.perf_counter()
     result = federated_training(config)
@@ -96,6 +218,10 @@ def run(name: str) -> dict:
 
     updates = sum(h["clients_ok"] for h in result.history)
     mlflow_s = _mlflow_seconds(config, result)
+    extra = {}
+    if name == "many-small":
+        extra["batching"] = _per_client_tasks(config, result, wall, updates)
+        extra["flower"] = _flower(config, plain)
     shutil.rmtree(work, ignore_errors=True)
     return {
         "scenario": name,
@@ -103,9 +229,7 @@ def run(name: str) -> dict:
         "rounds": result.rounds_completed,
         "client_updates": updates,
         "wall_seconds": round(wall, 3),
-        "seconds_per_round": round(
-            sum(h["round_seconds"] for h in result.history) / len(result.history), 4
-        ),
+        "seconds_per_round": round(_round_seconds(result), 4),
         "ms_per_client_update": round(1000 * wall / updates, 3),
         "mlflow_logging_seconds": round(mlflow_s, 3),
         "plain_loop_ms_per_client_update": round(1000 * plain_wall / updates, 3),
@@ -116,6 +240,7 @@ def run(name: str) -> dict:
             abs(a - b)
             for a, b in zip(result.coef, plain.params.to_raw(plain.stats).coef, strict=True)
         ),
+        **extra,
     }
 
 

@@ -1,13 +1,17 @@
 """Exchanges over Prefect tasks: how the engine's messages travel in a flow.
 
 :class:`PrefectExchange` maps one task per client for each step (statistics, a round's training,
-the final report); secure aggregation runs its protocol over the same kind of mapped tasks
-(:class:`PrefectParties`). Either gives the in-process exchange's results bit for bit.
+the final report), or, for a round with many clients, one task per batch of clients
+(``rounds.clients_per_task``, :func:`client_batches`); secure aggregation runs its protocol over
+the same kind of mapped tasks (:class:`PrefectParties`), one per client. Either gives the
+in-process exchange's results bit for bit.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from itertools import pairwise
+from typing import Any, Literal
 
 from prefect import unmapped
 from prefect.utilities.annotations import quote
@@ -16,16 +20,37 @@ from fl.client import FinalReport
 from fl.config import FLConfig
 from fl.data import ClientRef
 from fl.exchange import Broadcast, Exchange, Failures, Returned
-from fl.params import FeatureStats, ModelParams
+from fl.params import ClientUpdate, FeatureStats, ModelParams
 from fl.statistics import StatsReport
 from flows.outcomes import collect
 from tasks import secure_aggregation as secagg_tasks
-from tasks.client import client_statistics, final_report, train_client
+from tasks.client import client_statistics, final_report, train_client, train_clients
+
+AUTO_TASKS = 16
+"""``clients_per_task = "auto"``: at most this many training tasks per round."""
+
+
+def client_batches(
+    sampled: list[ClientRef], clients_per_task: int | Literal["auto"]
+) -> list[list[ClientRef]]:
+    """The round's clients in batches, one task each, in sampled order. An integer gives
+    batches of that size (the last one smaller); ``"auto"`` one client per batch up to
+    :data:`AUTO_TASKS` clients, else ``ceil(n / AUTO_TASKS)`` clients per batch, spread evenly
+    (sizes differ by one at most): 9 to 16 batches."""
+    n = len(sampled)
+    if clients_per_task != "auto":
+        return [sampled[i : i + clients_per_task] for i in range(0, n, clients_per_task)]
+    if n <= AUTO_TASKS:
+        return [[ref] for ref in sampled]
+    count = math.ceil(n / math.ceil(n / AUTO_TASKS))
+    bounds = [n * i // count for i in range(count + 1)]
+    return [sampled[a:b] for a, b in pairwise(bounds)]
 
 
 class PrefectExchange:
-    """One Prefect task per client and step, run by the flow's task runner. Task inputs are
-    quoted: Prefect need not look inside references and parameter vectors."""
+    """One Prefect task per client and step, run by the flow's task runner, or one task per
+    batch of a round's clients (:func:`client_batches`). Task inputs are quoted: Prefect need
+    not look inside references and parameter vectors."""
 
     def __init__(self, config: FLConfig):
         self.config = config
@@ -44,6 +69,9 @@ class PrefectExchange:
         return 0.0
 
     def train(self, sampled: list[ClientRef], broadcast: Broadcast, round_num: int) -> Returned:
+        batches = client_batches(sampled, self.config.rounds.clients_per_task)
+        if len(batches) < len(sampled):
+            return self._train_batches(batches, broadcast, round_num)
         futures = self.trainer.map(
             [quote(ref) for ref in sampled],
             unmapped(quote(broadcast.params)),
@@ -54,6 +82,37 @@ class PrefectExchange:
         )
         answered, failures = collect(futures, sampled, self.config.rounds.round_timeout_s)
         return Returned(list(answered.values()), failures)
+
+    def _train_batches(
+        self, batches: list[list[ClientRef]], broadcast: Broadcast, round_num: int
+    ) -> Returned:
+        """One :func:`tasks.client.train_clients` task per batch. The round deadline applies
+        to each client inside its task (its own time, as if it ran alone); here a batch gets
+        the deadline once per client it holds, in series, after which its clients that have
+        not answered are left out as timed out (a thread cannot be interrupted)."""
+        futures = train_clients.map(
+            [quote(batch) for batch in batches],
+            unmapped(quote(Broadcast(broadcast.params, broadcast.stats))),
+            unmapped(quote(self.config)),
+            round_num,
+        )
+        timeout = self.config.rounds.round_timeout_s
+        if timeout is not None:
+            timeout *= max(len(batch) for batch in batches)
+        firsts = [batch[0] for batch in batches]
+        answered, failed = collect(futures, firsts, timeout)
+        why = dict(failed)
+        returned = Returned()
+        for batch in batches:
+            outcomes = answered.get(batch[0].index)
+            if outcomes is None:
+                outcomes = [(ref.client_id, why[batch[0].client_id]) for ref in batch]
+            for outcome in outcomes:
+                if isinstance(outcome, ClientUpdate):
+                    returned.updates.append(outcome)
+                else:
+                    returned.failures.append(outcome)
+        return returned
 
     def final(
         self,

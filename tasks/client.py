@@ -4,6 +4,8 @@ parameters, counts and scalar metrics come back.
 A client's *expected* failures (:data:`EXPECTED`: bad data, an injected crash) end its task run
 in a :func:`client_failed` state, returned rather than raised: Prefect then logs no traceback,
 and the state's message is the one-line reason. Anything else is a bug and is raised as usual.
+A batch of clients (:func:`train_clients`) is the exception: a client's failure, whatever it
+is, is that client's outcome, and the batch's task run completes.
 """
 
 from __future__ import annotations
@@ -11,18 +13,20 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import time
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
-from prefect import task
+from prefect import get_run_logger, task
+from prefect.exceptions import MissingContextError
 from prefect.runtime import task_run
 from prefect.states import Failed, State
 
 from fl import client
 from fl import faults as fl_faults
-from fl.config import ClientConfig, FaultsConfig
+from fl.config import ClientConfig, FaultsConfig, FLConfig
 from fl.data import ClientDataError, ClientRef
-from fl.exchange import reason
+from fl.exchange import Broadcast, InProcess, TimedOut, reason
 from fl.params import ClientUpdate, FeatureStats, ModelParams
 from fl.statistics import StatsReport
 from tasks import TASK_OPTIONS
@@ -127,6 +131,54 @@ def local_update(
     """A client's training, with the injected ``faults`` (if any) of this round and attempt."""
     attempt = 1 if faults is None else task_run.get_run_count()
     return fl_faults.train(faults, ref, global_params, stats, cfg, round_num, attempt)
+
+
+def batch_run_name(parameters: dict[str, Any]) -> str:
+    """``train-r07-site-3..site-9``: the round, then the first and last client of the batch
+    (``train-r07-site-3`` for a batch of one)."""
+    refs = parameters["refs"]
+    first, last = refs[0].client_id, refs[-1].client_id
+    clients = first if len(refs) == 1 else f"{first}..{last}"
+    return f"train-r{parameters['round_num']:02d}-{clients}"
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    """The task run's logger; this module's outside a run (the task's ``.fn`` called alone)."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+
+
+Outcome = ClientUpdate | tuple[str, str]
+"""One client's outcome in a batch: its update, or ``(client_id, reason)``."""
+
+
+@task(name="train-clients", task_run_name=batch_run_name, **TASK_OPTIONS)
+def train_clients(
+    refs: list[ClientRef], broadcast: Broadcast, config: FLConfig, round_num: int
+) -> list[Outcome]:
+    """A batch of clients, one after another, each through the in-process exchange's
+    per-client code (:meth:`fl.exchange.InProcess.update`: its retries, its round deadline on
+    the client's own time, injected slowness counted, not slept). A client's failure is its
+    outcome, never the batch's; a failure that is not :data:`EXPECTED` (a bug) is also logged
+    with its traceback. One log line gives every client's outcome and seconds."""
+    exchange, logger = InProcess(config), _logger()
+    outcomes: list[Outcome] = []
+    lines = []
+    for ref in refs:
+        started = time.perf_counter()
+        try:
+            outcomes.append(exchange.update(ref, broadcast, round_num))
+            what = "ok"
+        except Exception as exc:  # noqa: BLE001 -- a failed client fails only itself
+            if not isinstance(exc, EXPECTED + (TimedOut,)):
+                logger.error("client %s failed", ref.client_id, exc_info=exc)
+            outcomes.append((ref.client_id, reason(exc)))
+            what = f"failed ({outcomes[-1][1]})"
+        lines.append(f"{ref.client_id} {what} in {time.perf_counter() - started:.4f} s")
+    logger.info("round %d: %s", round_num, "; ".join(lines))
+    return outcomes
 
 
 @task(name="final-report", task_run_name="final-{ref.client_id}", **TASK_OPTIONS)
