@@ -73,7 +73,9 @@ def registry(data: DataConfig, seed: int) -> list[ClientRef]:
     duplicates = {cid for cid, _ in duplicate_clients(data)}
     files = [p for p in _client_files(data) if p.stem not in duplicates]
     if not files:
-        raise ClientDataError("*", data.path, "no client files with a unique id")
+        raise _no_client_files(
+            data.path, "no client files with a unique id (each is claimed by two or more files)"
+        )
     return [
         ClientRef(client_id=p.stem, index=i, data=data, seed=seed, path=str(p))
         for i, p in enumerate(files)
@@ -84,8 +86,16 @@ def _client_files(data: DataConfig) -> list[Path]:
     directory = Path(data.path)
     files = sorted(p for p in directory.iterdir() if p.suffix.lower() in FILE_SUFFIXES)
     if not files:
-        raise ClientDataError("*", str(directory), "no .csv or .parquet files")
+        raise _no_client_files(str(directory), "no .csv or .parquet client files")
     return files
+
+
+def _no_client_files(directory: str, problem: str) -> ClientDataError:
+    """A directory without usable client files: a data reference problem, not a client's, so
+    the message names ``data.path`` rather than a client."""
+    error = ClientDataError("*", directory, problem)
+    error.args = (f"data.path {directory}: {problem}",)
+    return error
 
 
 def duplicate_clients(data: DataConfig) -> list[tuple[str, str]]:

@@ -5,15 +5,39 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
+import tomllib
+import traceback
 from pathlib import Path
+
+
+def say(message: str) -> None:
+    """A progress line of ``fedtune run``. Everything fedtune itself says goes to stdout
+    (errors alone to stderr), flushed so that it shows before the slow step it announces."""
+    print(f"fedtune: {message}", flush=True)
+
+
+def _prefect_api_url() -> str | None:
+    """``PREFECT_API_URL`` from the environment, else from the active Prefect profile (what
+    ``prefect config set`` writes), read without importing Prefect."""
+    if "PREFECT_API_URL" in os.environ:
+        return os.environ["PREFECT_API_URL"] or None
+    home = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH", home / "profiles.toml")).expanduser()
+    try:
+        profiles = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    active = os.environ.get("PREFECT_PROFILE") or profiles.get("active", "ephemeral")
+    return profiles.get("profiles", {}).get(active, {}).get("PREFECT_API_URL") or None
 
 
 def _quiet_temporary_server() -> None:
     """Without ``PREFECT_API_URL``, Prefect starts a temporary local server for the run. Its
     telemetry (no network here) and the services it cancels at shutdown log errors that say
     nothing about the run; keep them out of the user's terminal."""
-    if not os.environ.get("PREFECT_API_URL"):
+    if not _prefect_api_url():
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
         # The first start in a new PREFECT_HOME migrates its database; on a busy two-core
@@ -123,27 +147,46 @@ def _resumed_config(args: argparse.Namespace):
         raise ConfigError(f"--resume {args.resume}: {exc}") from None
 
 
-def _checked_config(args: argparse.Namespace):
+def _checked_config(args: argparse.Namespace, announce=None):
     """The effective configuration, checked against its data source; ``None`` once a config
-    error has been reported."""
+    error has been reported. ``announce`` is told about a slow step (noise calibration)."""
     from fl.config import ConfigError, load_config
-    from fl.data import ClientDataError, registry
-    from fl.privacy.plan import plan_privacy
-    from fl.rounds import clients_per_round
-    from fl.strategies import make_strategy
+    from fl.data import ClientDataError
 
+    root = logging.getLogger()
+    handlers = list(root.handlers)
     try:
         if getattr(args, "resume", None):
             config = _resumed_config(args)
         else:
             config = load_config(args.config, args.overrides)
-        num_clients = len(registry(config.data, config.experiment.seed))
-        clients_per_round(config.rounds, num_clients)
-        make_strategy(config, plan_privacy(config, num_clients))
+        _check_against_data(config, announce)
     except (ConfigError, ClientDataError, ValueError) as exc:
         _fail("config error", str(exc), 2)
         return None
+    finally:
+        # absl's first warning (the RDP accountant's, calibrating) installs a root handler
+        # before Prefect configures logging, which would then print Prefect's lines unformatted.
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
     return config
+
+
+def _check_against_data(config, announce) -> None:
+    from fl.data import registry
+    from fl.privacy.plan import plan_privacy
+    from fl.rounds import clients_per_round
+    from fl.strategies import make_strategy
+
+    num_clients = len(registry(config.data, config.experiment.seed))
+    clients_per_round(config.rounds, num_clients)
+    p = config.privacy
+    if announce is not None and p.target_epsilon is not None and p.noise_multiplier is None:
+        announce(
+            f"calibrating the noise for ε ≤ {p.target_epsilon:g} at δ = {p.delta:g} over "
+            f"{config.rounds.num_rounds} rounds…"
+        )
+    make_strategy(config, plan_privacy(config, num_clients))
 
 
 def _config_command(args: argparse.Namespace) -> int:
@@ -168,44 +211,310 @@ def _quiet_task_logs(verbose: bool) -> None:
     task_runs.addFilter(ExpectedFailureLog(show=verbose))
 
 
-def _print_summary(args: argparse.Namespace, config, result) -> None:
-    from tasks.tracking import tracking_uri
+def format_model(names: list[str], coef: list[float], intercept: float) -> str:
+    """``y = 1.58·x0 − 0.854·x1 + 0.920``: three significant digits, true minus signs."""
+    terms = [(c, f"·{n}") for c, n in zip(coef, names, strict=True)] + [(intercept, "")]
+    text = ""
+    for value, name in terms:
+        number = f"{abs(value):#.3g}".rstrip(".") + name  # 1.30, not 1.3; 100, not 100.
+        if not text:
+            text = f"−{number}" if value < 0 else number
+        else:
+            text += f" − {number}" if value < 0 else f" + {number}"
+    return f"y = {text}"
 
-    terms = " + ".join(
-        f"{c:.6g}*{n}" for c, n in zip(result.coef, result.feature_names, strict=True)
-    )
-    uri = tracking_uri(config)
-    print(f"final model: y = {terms} + {result.intercept:.6g}")
-    last = result.history[-1]
-    line = f"rounds: {result.rounds_completed}  fed_mse: {last['fed_mse']:.6g}"
+
+MAX_LEFT_OUT = 5
+"""Excluded clients the final block names one by one; more are counted."""
+
+
+def left_out_lines(excluded: dict[str, str], history: list[dict]) -> list[str]:
+    """The final block's lines about clients left out of the run (each with its reason, the
+    client's file already named in the warning above) or of single rounds."""
+    lines = []
+    if len(excluded) > MAX_LEFT_OUT:
+        lines.append(
+            f"{len(excluded)} clients left out of the run; see excluded_clients in the MLflow "
+            "run's summary.json"
+        )
+    else:
+        lines += [f"left out: {cid} ({_reason(cid, why)})" for cid, why in excluded.items()]
+    failed = sum(h.get("clients_failed", 0) for h in history)
+    if failed:
+        lines.append(
+            f"left out of single rounds: {failed} client update(s); see failed_clients in the "
+            "MLflow run's rounds.csv"
+        )
+    return lines
+
+
+def _reason(client_id: str, why: str) -> str:
+    """``why`` without its ``client 'ID' (FILE): `` prefix."""
+    prefix = f"client {client_id!r} ("
+    if why.startswith(prefix) and "): " in why:
+        return why.split("): ", 1)[1]
+    return why
+
+
+def _rounds_line(config, summary: dict) -> str:
+    done, planned = summary["rounds_completed"], config.rounds.num_rounds
+    line = f"rounds: {done}" if done >= planned else f"rounds: {done} of {planned}"
+    if summary["stopped_early"]:
+        line += " (early stop)"
+    elif done < planned and config.privacy.target_epsilon is not None:
+        line += " (privacy budget spent)"
+    if not summary["history"]:
+        return line
+    last = summary["history"][-1]
+    line += f"  fed_mse: {last.get('fed_mse', float('nan')):.6g}"
     if "central_mse" in last:
         line += f"  central_mse: {last['central_mse']:.6g}"
-    if result.baseline_mse is not None:
-        line += f"  pooled-OLS baseline_mse: {result.baseline_mse:.6g}"
-    print(line)
-    print(f"MLflow run: {result.run_id}  (experiment {config.experiment.name!r})")
-    print(f"model: {result.model_uri}")
-    if result.registered_version:
-        print(f"registered: {config.experiment.register_as} v{result.registered_version}")
+    if summary["baseline_mse"] is not None:
+        line += f"  pooled-OLS baseline_mse: {summary['baseline_mse']:.6g}"
+    return line
+
+
+def _privacy_line(summary: dict) -> str | None:
+    secure = summary.get("secure_aggregation")
+    if summary.get("dp_epsilon") is None:
+        if secure:
+            return "privacy: secure aggregation on (the server saw only sums); no DP guarantee"
+        return None
+    return (
+        f"privacy: (ε, δ) = ({summary['dp_epsilon']:.3g}, {summary['dp_delta']:g}) spent over "
+        f"{summary['rounds_completed']} rounds (z={summary['dp_noise_multiplier']:.3g}, "
+        f"q={summary['dp_sampling_rate']:.3g})" + ("; secure aggregation on" if secure else "")
+    )
+
+
+def _registered_line(config, summary: dict) -> str:
+    line = f"registered: {config.experiment.register_as} v{summary['registered_version']}"
+    p = summary.get("promotion")
+    if not p:
+        return line
+    decision = "promoted to champion" if summary["promoted"] else "the champion stays"
+    challenger, champion = p["fedtune.challenger_fed_mse"], p["fedtune.champion_fed_mse"]
+    scores = f"fed_mse {float(challenger):.3g}"
+    if champion:
+        scores += f" vs the champion's {float(champion):.3g}"
+    return f"{line}, {decision} ({p['fedtune.promotion.reason']}; {scores})"
+
+
+def _print_summary(args: argparse.Namespace, config, result) -> None:
+    """The final block, from the same fields ``--output`` writes."""
+    summary = result.model_dump(mode="json")
+    model = format_model(summary["feature_names"], summary["coef"], summary["intercept"])
+    print(f"final model: {model}")
+    print(_rounds_line(config, summary))
+    left_out = left_out_lines(summary.get("excluded_clients", {}), summary["history"])
+    for line in [_privacy_line(summary), *left_out]:
+        if line:
+            print(line)
+    print(f"MLflow run: {summary['run_id']}  (experiment {config.experiment.name!r})")
+    print(f"model: {summary['model_uri']}")
+    if summary["registered_version"]:
+        print(_registered_line(config, summary))
     if args.output:
         Path(args.output).write_text(result.model_dump_json(indent=2))
         print(f"summary: {args.output}")
-    print(f"view: mlflow ui --backend-store-uri {uri}")
+    print(f"view: mlflow ui --backend-store-uri {_tracking_uri(config)}")
+
+
+# -- before the run: what it is, and whether its services answer --------------------------------
+
+
+def _tracking_uri(config) -> str:
+    """``tasks.tracking.tracking_uri`` without importing MLflow and Prefect."""
+    return (
+        config.experiment.tracking_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or "sqlite:///mlflow.db"
+    )
+
+
+def _checking_line(args: argparse.Namespace) -> str:
+    if args.resume:
+        return f"reading the configuration of run {args.resume}…"
+    source = args.config or "the default configuration (the seed example)"
+    sets = f" with {len(args.overrides)} --set" if args.overrides else ""
+    return f"checking {source}{sets} against its data…"
+
+
+def _unreachable(url: str, timeout: float = 5.0) -> str | None:
+    """Why nothing answers at ``url``, or None if something does (any HTTP status)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(url, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return str(getattr(reason, "strerror", None) or reason).lower()
+    return None
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+def _mlflow_problem(uri: str) -> tuple[str, str, int] | None:
+    """An MLflow store that cannot work, as ``(kind, message, exit code)``; says when it is new
+    (its tables take seconds to create)."""
+    if uri.startswith(("http://", "https://")):
+        why = _unreachable(f"{uri.rstrip('/')}/health")
+        return None if why is None else ("MLflow", f"{uri} is unreachable ({why})", 1)
+    path = _sqlite_path(uri)
+    if path is None:
+        return None
+    if not path.parent.is_dir():
+        return ("MLflow store", f"{uri}: directory {path.parent} does not exist", 2)
+    if not path.exists():
+        say(f"creating the MLflow store {uri} (setting up its tables takes a few seconds)…")
+        return None
+    import sqlite3
+
+    try:
+        connection = sqlite3.connect(path, timeout=2.0)
+        try:
+            connection.execute("BEGIN IMMEDIATE")  # what a write needs; released at once
+            connection.rollback()
+        finally:
+            connection.close()
+    except sqlite3.Error as exc:
+        return _sqlite_failure(uri, exc)
+    return None
+
+
+def _sqlite_failure(uri: str, exc: BaseException) -> tuple[str, str, int]:
+    if "locked" in str(exc):
+        return ("MLflow store", f"{uri} is locked by another process; retry when it is done", 1)
+    return ("MLflow store", f"{uri}: {_first_line(exc)}", 1)
+
+
+def _prefect_problem(api: str | None) -> tuple[str, str, int] | None:
+    if api is None:
+        return None
+    why = _unreachable(f"{api.rstrip('/')}/health")
+    if why is None:
+        return None
+    return (
+        "Prefect API",
+        f"{api} is unreachable ({why}); start that server, or unset PREFECT_API_URL "
+        "(environment or Prefect profile) for a temporary local one",
+        1,
+    )
+
+
+def _announce_prefect(api: str | None) -> None:
+    if api is not None:
+        say(f"using the Prefect API at {api}…")
+        return
+    home = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()
+    first = (
+        "; its first start in a new PREFECT_HOME sets up a database, about 20 s"
+        if not (home / "prefect.db").exists()
+        and not os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL")
+        and not os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL")
+        else ""
+    )
+    say(f"starting Prefect (a temporary local server{first})…")
+
+
+# -- during the run: expected failures are one line --------------------------------------------
+
+_EXPECTED_NAMES = {
+    "RoundFailed",
+    "ClientDataError",
+    "OperationalError",
+    "MlflowException",
+    "RestException",
+    "ConnectError",
+    "ConnectTimeout",
+}
+_NAMED_KEY = re.compile(r"^[a-z_]+\.[a-z_]+: ")
+_FAILED_STATE = re.compile(r"encountered an exception:? (\w+): (.*)", re.DOTALL)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _expected(name: str, text: str) -> bool:
+    """Whether an exception (by class name and message) is one the CLI reports in one line."""
+    return (
+        name in _EXPECTED_NAMES
+        or text.startswith("Failed to reach API")
+        or (name == "ValueError" and _NAMED_KEY.match(text) is not None)
+    )
+
+
+def _failure(exc: BaseException, config, api: str | None) -> tuple[str, str, int] | None:
+    """An expected failure of the run as ``(kind, message, exit code)``, None for a bug."""
+    name, module, text = type(exc).__name__, type(exc).__module__, str(exc)
+    if not _expected(name, text):
+        return None
+    if name in ("RoundFailed", "ClientDataError"):
+        return ("training failed", text, 1)
+    if name == "ValueError":
+        return ("config error", _first_line(exc), 2)
+    if name == "OperationalError":
+        return _sqlite_failure(_tracking_uri(config), exc)
+    if module.startswith("mlflow"):
+        return ("MLflow", _first_line(exc), 1)
+    where = api or "the temporary Prefect server"
+    return ("Prefect API", f"lost {where}: {_first_line(exc)}", 1)
+
+
+class _ExpectedFailureLines(logging.Filter):
+    """For Prefect's run loggers: without ``--verbose``, drop the lines (and tracebacks) about a
+    failure that the CLI reports in one line; a bug's are kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            return not _expected(type(exc).__name__, str(exc))
+        match = _FAILED_STATE.search(record.getMessage())
+        return match is None or not _expected(match[1], match[2])
+
+
+def _quiet_expected_failures(verbose: bool) -> None:
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        for old in [f for f in logger.filters if isinstance(f, _ExpectedFailureLines)]:
+            logger.removeFilter(old)  # main() may run more than once in a process
+        if not verbose:
+            logger.addFilter(_ExpectedFailureLines())
 
 
 def _run_command(args: argparse.Namespace) -> int:
-    config = _checked_config(args)
+    say(_checking_line(args))  # before anything slow: the first line comes at once
+    config = _checked_config(args, announce=say)
     if config is None:
         return 2
+    api = _prefect_api_url()
+    problem = _mlflow_problem(_tracking_uri(config)) or _prefect_problem(api)
+    if problem is not None:
+        return _fail(*problem)
     _quiet_temporary_server()
-    from fl.data import ClientDataError
-    from flows.training import RoundFailed, federated_training
+    _announce_prefect(api)
+    from flows.training import federated_training
 
     _quiet_task_logs(args.verbose)
+    _quiet_expected_failures(args.verbose)
     try:
         result = federated_training(config, resume_run_id=args.resume)
-    except (ClientDataError, RoundFailed) as exc:
-        return _fail("training failed", str(exc), 1)
+    except Exception as exc:
+        failure = _failure(exc, config, api)
+        if failure is None:
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        return _fail(*failure)
     _print_summary(args, config, result)
     return 0
 

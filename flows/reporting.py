@@ -5,15 +5,17 @@ the summary and the Prefect artifacts (a markdown summary and the per-round tabl
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture
 
 from fl.config import FLConfig
+from fl.data import registry
 from fl.engine import Outcome, RoundRecord, Run, RunState
 from fl.evaluation import named
-from fl.privacy.plan import privacy_summary
+from fl.privacy.plan import privacy_accountant, privacy_summary
 from tasks.server import pooled_baseline
 from tasks.tracking import end_run, log_final, log_round, tracking_uri
 
@@ -31,11 +33,26 @@ class RunReport:
         self.logs: list[PrefectFuture] = []
         self.baseline: PrefectFuture | None = None
 
-    def started(self, resumed: bool) -> None:
+    def started(self, resumed: bool, init_model: str | None = None) -> None:
+        """Say who is left out, what the run starts from (``init_model``: the model URI a
+        fine-tune loaded) and what privacy it plans."""
         run = self.run
+        self.baseline = pooled_baseline.submit(self.config.data, self.config.experiment.seed)
         for cid, why in run.excluded:
             self.logger.warning("client %s excluded from this run: %s", cid, why)
-        self.baseline = pooled_baseline.submit(self.config.data, self.config.experiment.seed)
+        if init_model is not None and not resumed:
+            self.logger.info("fine-tuning from %s", describe_init_model(self.config, init_model))
+        if run.plan is not None:
+            self.logger.info("privacy: %s", planned_privacy(self.config, run))
+        if run.secure:
+            keys = (
+                f"keys per run, set up in {run.setup_seconds:.2g} s"
+                if self.config.privacy.secagg_keys == "run"
+                else "fresh keys every round"
+            )
+            self.logger.info(
+                "secure aggregation: on (the server sees only the sum of the updates; %s)", keys
+            )
         if resumed:
             return
         if run.plan is not None:
@@ -92,9 +109,16 @@ class RunReport:
         if record.scored is not None:
             self.scored(record.scored)
         if record.stop == "budget":
-            self.logger.info("privacy budget: round %d would exceed target_epsilon; stopping", r)
+            self.logger.info(
+                "privacy budget: round %d would take ε above the target %g; keeping round %d's "
+                "model (ε = %.3g spent)",
+                r,
+                self.config.privacy.target_epsilon,
+                r - 1,
+                state.accountant.spent().epsilon,
+            )
         elif record.stop == "early":
-            self.logger.info("early stop: round %d did not improve; keeping it", r - 1)
+            self.logger.info("%s", early_stop_message(self.config, state.history, r))
         if record.checkpoint is not None:
             metrics = {k: v for k, v in record.metrics.items() if k not in NOT_METRICS}
             self.queue(r, metrics)
@@ -105,13 +129,14 @@ class RunReport:
         fed = {k: v for k, v in entry.items() if k.startswith("fed_")}
         self.queue(entry["round"], fed)
         self.logger.info(
-            "round %d/%d  clients %d ok %d failed  train_loss %.5g  fed_mse %.5g",
+            "round %d/%d  clients %d ok, %d failed  train_loss %.5g  fed_mse %.5g%s",
             entry["round"],
             self.config.rounds.num_rounds,
             entry["clients_ok"],
             entry["clients_failed"],
             entry["train_loss"],
             entry.get("fed_mse", float("nan")),
+            f"  ε {entry['dp_epsilon']:.3g}" if "dp_epsilon" in entry else "",
         )
 
     def finish(self, state: RunState, outcome: Outcome, init_model: str | None) -> dict[str, Any]:
@@ -161,6 +186,84 @@ class RunReport:
 
 NOT_METRICS = ("round", "failed_clients")
 """History entries that are not MLflow metrics."""
+
+
+def announce_setup(config: FLConfig, logger: logging.Logger | Any) -> None:
+    """One line before the slow part of setting a run up (every client's feature statistics,
+    and the noise calibration of a ``target_epsilon`` run), so that a long wait is explained."""
+    clients = len(registry(config.data, config.experiment.seed))
+    p = config.privacy
+    calibrating = p.target_epsilon is not None and p.noise_multiplier is None
+    logger.info(
+        "reading %d clients' feature statistics%s…",
+        clients,
+        f", then calibrating the noise for ε ≤ {p.target_epsilon:g} at δ = {p.delta:g} over "
+        f"{config.rounds.num_rounds} rounds"
+        if calibrating
+        else "",
+    )
+
+
+def planned_privacy(config: FLConfig, run: Run) -> str:
+    """``DP-FedAvg z=1.1, q=0.1, δ=1e-05, target ε=1 over 20 rounds (planned)``."""
+    plan, p, rounds = run.plan, config.privacy, config.rounds.num_rounds
+    calibrated = " (calibrated)" if p.noise_multiplier is None else ""
+    head = (
+        f"DP-FedAvg z={plan.noise_multiplier:.3g}{calibrated}, q={plan.sampling_rate:.3g}, "
+        f"δ={plan.delta:g}"
+    )
+    if p.noise_multiplier is None:
+        return f"{head}, target ε={p.target_epsilon:g} over {rounds} rounds (planned)"
+    epsilon = privacy_accountant(plan).spent(rounds).epsilon
+    stop = "" if p.target_epsilon is None else f"; stops at target ε={p.target_epsilon:g}"
+    return f"{head}, ε={epsilon:.3g} over {rounds} rounds (planned{stop})"
+
+
+def early_stop_message(config: FLConfig, history: list[dict[str, Any]], stopped_in: int) -> str:
+    """Which rounds did not improve, by how much they had to, and which model is kept: the
+    last scored one (round ``stopped_in``'s updates are not aggregated)."""
+    kept = history[-1]
+    patience, tolerance = config.rounds.patience or 1, config.rounds.tolerance
+    last = kept["round"]
+    rounds = f"round {last}" if patience == 1 else f"rounds {last - patience + 1}–{last}"
+    by = f" by {tolerance * 100:g}%" if tolerance else ""
+    best = min((h for h in history if "fed_mse" in h), key=lambda h: h["fed_mse"])
+    better = (
+        f"; round {best['round']} scored {best['fed_mse']:.3g}"
+        if best["fed_mse"] < kept["fed_mse"]
+        else ""
+    )
+    return (
+        f"early stop: {rounds} did not improve fed_mse{by}; keeping round {last}'s model "
+        f"(fed_mse {kept['fed_mse']:.3g}{better}); round {stopped_in}'s updates discarded"
+    )
+
+
+def describe_init_model(config: FLConfig, model_uri: str) -> str:
+    """``models:/demand@champion (version 3)``, or ``run RUN_ID's final model (models:/m-…)``."""
+    ref = config.experiment.init_model
+    if ref and ":/" not in ref:
+        return f"run {ref}'s final model ({model_uri})"
+    version = _model_version(config, model_uri)
+    return model_uri if version is None else f"{model_uri} (version {version})"
+
+
+def _model_version(config: FLConfig, model_uri: str) -> str | None:
+    """The registered version a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI names."""
+    match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", model_uri)
+    if match is None:
+        return None
+    name, alias, version = match.groups()
+    if version is not None:
+        return version
+    from mlflow import MlflowClient
+
+    try:
+        return str(
+            MlflowClient(tracking_uri(config)).get_model_version_by_alias(name, alias).version
+        )
+    except Exception:  # noqa: BLE001 -- the line is informative only
+        return None
 
 
 def _run_link(config: FLConfig, run_id: str) -> str:

@@ -19,7 +19,7 @@ from fl.config import FLConfig
 from fl.engine import RoundFailed, Run, RunState
 from fl.lifecycle import InitModel
 from flows.exchange import open_exchange
-from flows.reporting import RunReport
+from flows.reporting import RunReport, announce_setup
 from tasks.tracking import (
     end_run,
     load_champion,
@@ -62,6 +62,21 @@ class TrainingResult(BaseModel):
     baseline_mse: float | None = None
     promoted: bool | None = None
     """With ``experiment.register_as``: whether the new version became the champion."""
+    promotion: dict[str, str] | None = None
+    """With ``experiment.register_as``: the decision, its reason and both scores (the
+    ``fedtune.promotion*`` tags of the run and the model version)."""
+    init_model: str | None = None
+    """The model URI the run fine-tuned from; None when it trained from scratch."""
+    excluded_clients: dict[str, str] = {}
+    """Clients left out of the whole run (unusable data, a duplicate id), each with why."""
+    dp_epsilon: float | None = None
+    """DP runs: the ε spent over ``rounds_completed`` rounds, at ``dp_delta``."""
+    dp_delta: float | None = None
+    dp_noise_multiplier: float | None = None
+    """DP runs: z, the noise multiplier (calibrated from ``privacy.target_epsilon`` if unset)."""
+    dp_sampling_rate: float | None = None
+    """DP runs: q, the Poisson rate at which a client joins a round."""
+    secure_aggregation: bool = False
     history: list[dict[str, Any]]
 
 
@@ -87,9 +102,10 @@ def federated_training(
     try:
         champion = load_champion(config)
         init = _init_model(config, champion, logger)
+        announce_setup(config, logger)
         run = Run.setup(config, exchange, init)
         report = RunReport(run, run_id, logger)
-        report.started(resumed=resume_run_id is not None)
+        report.started(resume_run_id is not None, None if init is None else init[0])
         state = _initial_state(run, init, resume_run_id, report)
         for record in run.rounds(state):
             report.round(record, state)
@@ -100,19 +116,9 @@ def federated_training(
         raise
     finally:
         exchange.close()
-    return TrainingResult(
-        run_id=run_id,
-        model_uri=summary["model_uri"],
-        registered_version=summary["registered_version"],
-        feature_names=summary["feature_names"],
-        coef=summary["coef"],
-        intercept=summary["intercept"],
-        rounds_completed=summary["rounds_completed"],
-        stopped_early=summary["stopped_early"],
-        baseline_mse=summary["baseline_mse"],
-        promoted=None if outcome.promotion is None else outcome.promotion.promote,
-        history=state.history,
-    )
+    promoted = None if outcome.promotion is None else outcome.promotion.promote
+    reported = {k: v for k, v in summary.items() if k in TrainingResult.model_fields}
+    return TrainingResult(run_id=run_id, promoted=promoted, history=state.history, **reported)
 
 
 def _init_model(

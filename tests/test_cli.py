@@ -35,7 +35,7 @@ def test_fedtune_run_needs_no_server_and_prints_no_errors(tmp_path):
     assert "Traceback" not in out and "ERROR" not in out, out
     round_lines = [line for line in out.splitlines() if "round " in line and "fed_mse" in line]
     assert len(round_lines) == 3, out
-    assert "clients 10 ok 0 failed" in round_lines[0]
+    assert "clients 10 ok, 0 failed" in round_lines[0]
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in proc.stdout
 
     summary = json.loads((tmp_path / "s.json").read_text())

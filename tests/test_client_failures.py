@@ -58,7 +58,7 @@ def test_a_bad_client_file_is_one_line_and_the_rest_train(tmp_path, prefect_api_
     assert len(named) == 1, out
     assert "WARNING" in named[0] and "non-numeric value 'n/a?'" in named[0]
     assert "final model: y = " in proc.stdout
-    assert "clients 2 ok 0 failed" in out  # the other two trained
+    assert "clients 2 ok, 0 failed" in out  # the other two trained
 
 
 def _setup(tmp_path, *overrides):

@@ -208,6 +208,7 @@ def _bracket(gap: Callable[[float], float], guess: float) -> tuple[float, float]
     raise ValueError("the target epsilon is met without noise")
 
 
+@lru_cache(maxsize=64)
 def calibrate_noise_multiplier(
     target_epsilon: float,
     delta: float,
@@ -220,7 +221,8 @@ def calibrate_noise_multiplier(
     ``target_epsilon`` as :class:`Accountant` reports it (the smaller of RDP and PLD).
 
     PLD is calibrated first: it is usually the tighter bound and, with Poisson sampling, the
-    cheaper one to evaluate. RDP is searched only if it beats PLD at PLD's answer.
+    cheaper one to evaluate. RDP is searched only if it beats PLD at PLD's answer. Cached: the
+    CLI checks a config (calibrating) before the run plans privacy with the same numbers.
     """
     if not target_epsilon > 0:
         raise ValueError(f"target_epsilon: must be positive (got {target_epsilon!r})")
