@@ -167,8 +167,11 @@ def _checked_config(args: argparse.Namespace, announce=None):
     finally:
         # absl's first warning (the RDP accountant's, calibrating) installs a root handler
         # before Prefect configures logging, which would then print Prefect's lines unformatted.
+        # Only absl's: importing Prefect (a resumed run's check does) configures handlers of
+        # its own, which must stay.
         for handler in [h for h in root.handlers if h not in handlers]:
-            root.removeHandler(handler)
+            if type(handler).__module__.startswith("absl"):
+                root.removeHandler(handler)
     return config
 
 
