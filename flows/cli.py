@@ -500,7 +500,8 @@ def _run_command(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     api = _prefect_api_url()
-    problem = _mlflow_problem(_tracking_uri(config)) or _prefect_problem(api)
+    # Prefect first: the MLflow check announces a store it is about to create.
+    problem = _prefect_problem(api) or _mlflow_problem(_tracking_uri(config))
     if problem is not None:
         return _fail(*problem)
     _quiet_temporary_server()
