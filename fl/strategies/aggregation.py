@@ -105,7 +105,24 @@ def sum_contributions(
     return total
 
 
-class SumStrategy:
+class Stateless:
+    """The defaults of a strategy that keeps no state between rounds and can aggregate any
+    non-empty round; a strategy with state or a floor of its own overrides them."""
+
+    def init_state(self) -> Any:
+        return None
+
+    def too_few(self, num_updates: int) -> str | None:
+        return None
+
+    def save_state(self, state: Any) -> dict[str, Any]:
+        return {}
+
+    def load_state(self, data: dict[str, Any]) -> Any:
+        return None
+
+
+class SumStrategy(Stateless):
     """A strategy that needs only the sum of the clients' contributions.
 
     Subclasses write :meth:`server_step` (and, if they keep state, :meth:`init_state`,
@@ -123,18 +140,6 @@ class SumStrategy:
         """The strategy as ``[server]`` configures it (subclasses with more parameters read
         their own keys)."""
         return cls(weighting=server.weighting or "num_examples")
-
-    def init_state(self) -> Any:
-        return None
-
-    def too_few(self, num_updates: int) -> str | None:
-        return None
-
-    def save_state(self, state: Any) -> dict[str, Any]:
-        return {}
-
-    def load_state(self, data: dict[str, Any]) -> Any:
-        return None
 
     def contribution(self, state: Any) -> Contribution:
         return Contribution(weighted=self.weighting == "num_examples")

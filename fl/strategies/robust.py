@@ -10,9 +10,10 @@ from typing import Any
 import numpy as np
 
 from fl.params import ClientUpdate, ModelParams
+from fl.strategies.aggregation import Stateless
 
 
-class VectorStrategy:
+class VectorStrategy(Stateless):
     """A stateless strategy whose next model is a function of the clients' model vectors alone.
 
     Subclasses write :meth:`combine`. ``server.weighting`` does not apply: an example count is
@@ -20,18 +21,6 @@ class VectorStrategy:
     """
 
     sum_based = False
-
-    def init_state(self) -> Any:
-        return None
-
-    def too_few(self, num_updates: int) -> str | None:
-        return None
-
-    def save_state(self, state: Any) -> dict[str, Any]:
-        return {}
-
-    def load_state(self, data: dict[str, Any]) -> Any:
-        return None
 
     def combine(self, vectors: np.ndarray) -> np.ndarray:
         """The next model vector from the ``(n, d)`` clients' model vectors."""
