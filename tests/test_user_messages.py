@@ -226,6 +226,11 @@ def test_early_stop_and_a_left_out_client_are_said_and_written(
     proc, _ = _fedtune(tmp_path, env, *args, "-o", "s.json")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
+    # An expected failure: no traceback, no ERROR, one warning naming client, file and row.
+    assert "Traceback" not in out and "ERROR" not in out, out
+    named = [line for line in out.splitlines() if "clinic-1" in line and str(bad) in line]
+    assert len(named) == 1 and "WARNING" in named[0] and "row 0" in named[0], out
+    assert "clients 2 ok, 0 failed" in out  # the other two trained
     stop = re.search(
         r"early stop: round (\d+) did not improve fed_mse by 50%; keeping round \1's model "
         r"\(fed_mse [\d.]+\); round (\d+)'s updates discarded",
