@@ -15,20 +15,13 @@ from fl.config import load_config
 from fl.secagg.run_keys import Quorum, share_holders
 from fl.simulation import simulate
 from flows.training import federated_training
+from tests.test_engine import DP as ENGINE_DP
 from tests.test_engine import independent_epsilon
 from tests.test_flow import _task_runs
 
 pytestmark = pytest.mark.integration
 
-DP = [
-    "data.num_clients=80",
-    "rounds.num_rounds=4",
-    "rounds.fraction=0.25",
-    "privacy.noise_multiplier=1.1",
-    "privacy.delta=1e-4",
-    "privacy.adaptive_clipping=true",
-    "experiment.log_round_models=false",
-]
+DP = [*ENGINE_DP, "experiment.log_round_models=false"]
 
 
 def test_dp_flow_reports_the_accountants_epsilon_every_round(prefect_api, mlflow_uri):

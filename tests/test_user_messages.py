@@ -156,6 +156,18 @@ def _fedtune(tmp_path, env, *args) -> tuple[subprocess.CompletedProcess, float]:
     return subprocess.CompletedProcess(proc.args, proc.returncode, first + out, err), first_line_s
 
 
+def _run_ok(tmp_path, api_url, mlflow_template, sets):
+    """``fedtune run --set ... -o s.json`` on the shared API: it succeeds with no traceback and
+    no ERROR line; returns the process and its whole output."""
+    args = [a for s in sets for a in ("--set", s)]
+    env = _env(tmp_path, api_url, mlflow_template)
+    proc, _ = _fedtune(tmp_path, env, *args, "-o", "s.json")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out and "ERROR" not in out, out
+    return proc, out
+
+
 @pytest.mark.integration
 def test_an_unreachable_prefect_api_is_one_line_after_a_prompt_first_line(tmp_path):
     env = cli_env(tmp_path, "http://127.0.0.1:9/api")  # nothing listens on port 9
@@ -180,12 +192,7 @@ def test_a_dp_run_says_its_plan_and_what_it_spent_and_writes_both(
         "rounds.fraction=0.5",
         "rounds.num_rounds=2",
     ]
-    args = [a for s in sets for a in ("--set", s)]
-    env = _env(tmp_path, prefect_api_url, mlflow_template)
-    proc, _ = _fedtune(tmp_path, env, *args, "-o", "s.json")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out
-    assert "Traceback" not in out and "ERROR" not in out, out
+    proc, out = _run_ok(tmp_path, prefect_api_url, mlflow_template, sets)
     assert "reading 10 clients' feature statistics…" in out
     planned = re.search(r"privacy: DP-FedAvg z=1, q=0.5, δ=1e-05, ε=([\d.]+) over 2 rounds", out)
     assert planned and "(planned)" in out, out
@@ -221,13 +228,9 @@ def test_early_stop_and_a_left_out_client_are_said_and_written(
         "rounds.patience=1",
         "rounds.tolerance=0.5",
     ]
-    args = [a for s in sets for a in ("--set", s)]
-    env = _env(tmp_path, prefect_api_url, mlflow_template)
-    proc, _ = _fedtune(tmp_path, env, *args, "-o", "s.json")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out
-    # An expected failure: no traceback, no ERROR, one warning naming client, file and row.
-    assert "Traceback" not in out and "ERROR" not in out, out
+    proc, out = _run_ok(tmp_path, prefect_api_url, mlflow_template, sets)
+    # An expected failure: no traceback, no ERROR (checked above), one warning naming client,
+    # file and row.
     named = [line for line in out.splitlines() if "clinic-1" in line and str(bad) in line]
     assert len(named) == 1 and "WARNING" in named[0] and "row 0" in named[0], out
     assert "clients 2 ok, 0 failed" in out  # the other two trained
