@@ -23,11 +23,10 @@ N = 1000
 
 
 def main() -> None:
+    from fedtune.tasks import TASK_OPTIONS
     from prefect import flow, task
     from prefect.task_runners import ThreadPoolTaskRunner
     from prefect.testing.utilities import prefect_test_harness
-
-    from tasks import TASK_OPTIONS
 
     logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
     logging.getLogger("prefect.flow_runs").setLevel(logging.WARNING)

@@ -31,9 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(config):
+    from fedtune.flows.training import federated_training
     from prefect.exceptions import PrefectHTTPStatusError
-
-    from flows.training import federated_training
 
     for attempt in range(5):
         start = time.perf_counter()
@@ -50,7 +49,7 @@ def _run(config):
 
 
 def _config(path, overrides, work: Path):
-    from fl.config import load_config
+    from fedtune.fl.config import load_config
 
     uri = f"sqlite:///{work / 'mlflow.db'}"
     return load_config(path, [*overrides, f"experiment.tracking_uri='{uri}'"])

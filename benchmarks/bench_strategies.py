@@ -74,15 +74,15 @@ SEED_TASK = ["rounds.num_rounds=20"]
 
 
 def _simulate(overrides: list[str]):
-    from fl.config import load_config
-    from fl.simulation import simulate
+    from fedtune.fl.config import load_config
+    from fedtune.fl.simulation import simulate
 
     return simulate(load_config(None, overrides))
 
 
 def _baseline(overrides: list[str]) -> float:
-    from fl.config import load_config
-    from fl.evaluation import pooled_baseline
+    from fedtune.fl.config import load_config
+    from fedtune.fl.evaluation import pooled_baseline
 
     config = load_config(None, overrides)
     return pooled_baseline(config.data, config.experiment.seed)

@@ -51,8 +51,8 @@ SCENARIOS = {
 
 def _mlflow_seconds(config, result) -> float:
     """Time the flow's MLflow calls (run, per-round metrics and models, final model) alone."""
-    from fl.simulation import simulate
-    from tasks import tracking
+    from fedtune.fl.simulation import simulate
+    from fedtune.tasks import tracking
 
     sim = simulate(config)
     start = time.perf_counter()
@@ -82,8 +82,8 @@ def _round_seconds(result) -> float:
 def _per_client_tasks(config, auto, auto_wall: float, updates: int) -> dict:
     """The flow again with one Prefect task per client, against the default batching (whole
     runs, and the rounds alone: the statistics and final-report tasks stay one per client)."""
-    from flows.exchange import client_batches
-    from flows.training import federated_training
+    from fedtune.flows.exchange import client_batches
+    from fedtune.flows.training import federated_training
 
     per_client = config.model_copy(
         update={"rounds": config.rounds.model_copy(update={"clients_per_task": 1})}
@@ -121,15 +121,14 @@ def _flower(config, plain) -> dict:
     import logging
 
     import numpy as np
+    from fedtune.fl import client as fl_client
+    from fedtune.fl.data import registry
+    from fedtune.fl.params import ModelParams
     from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAvg
     from flwr.simulation import run_simulation
-
-    from fl import client as fl_client
-    from fl.data import registry
-    from fl.params import ModelParams
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     refs, stats, cfg = registry(config.data, config.experiment.seed), plain.stats, config.client
@@ -187,9 +186,9 @@ def _flower(config, plain) -> dict:
 def run(name: str) -> dict:
     import logging
 
-    from fl.config import load_config
-    from fl.simulation import simulate
-    from flows.training import federated_training
+    from fedtune.fl.config import load_config
+    from fedtune.fl.simulation import simulate
+    from fedtune.flows.training import federated_training
 
     logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
     logging.getLogger("prefect.flow_runs").setLevel(logging.WARNING)

@@ -5,7 +5,7 @@ configuration as a copy; ``tests/test_deployments.py`` holds the copy equal to
 :func:`deployment_parameters` of its TOML file. After editing a TOML file, print the block to
 paste into ``prefect.yaml`` with::
 
-    python -m deployments.parameters configs/nightly.toml
+    python -m fedtune.deployments.parameters configs/nightly.toml
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fl.config import ConfigError, load_config
+from fedtune.fl.config import ConfigError, load_config
 
 
 def deployment_parameters(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     import yaml
 
     parser = argparse.ArgumentParser(
-        prog="python -m deployments.parameters",
+        prog="python -m fedtune.deployments.parameters",
         description="Print a config file as the `parameters:` block of deployments/prefect.yaml.",
     )
     parser.add_argument("config", metavar="FILE.toml")

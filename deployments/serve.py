@@ -5,8 +5,8 @@ parameters), so the two ways of running them cannot disagree. This process regis
 the Prefect API, then runs their flow runs, scheduled or triggered, as subprocesses until it is
 stopped; stopping it pauses their schedules. From the repository root::
 
-    python -m deployments.serve                 # both deployments
-    python -m deployments.serve --deployment train
+    python -m fedtune.deployments.serve                 # both deployments
+    python -m fedtune.deployments.serve --deployment train
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def build_deployments(
     The entrypoint is recorded relative to the working directory, which must stay the one the
     runs start in; :func:`serve` uses the repository root.
     """
-    from flows.training import federated_training
+    from fedtune.flows.training import federated_training
 
     entries = project_deployments(prefect_file)
     known = [entry["name"] for entry in entries]
@@ -134,7 +134,7 @@ def serve(names: Iterable[str] | None = None, limit: int | None = None) -> None:
     prefect.serve(*deployments, limit=limit)
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m deployments.serve") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m fedtune.deployments.serve") -> int:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Serve the deployments of deployments/prefect.yaml from this process.",

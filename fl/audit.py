@@ -16,12 +16,11 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-
-from fl.config import FLConfig
-from fl.data import ClientRef, central_test_set, open_client, registry
-from fl.params import ModelParams
-from fl.privacy.plan import plan_privacy
-from fl.rounds import sample_round
+from fedtune.fl.config import FLConfig
+from fedtune.fl.data import ClientRef, central_test_set, open_client, registry
+from fedtune.fl.params import ModelParams
+from fedtune.fl.privacy.plan import plan_privacy
+from fedtune.fl.rounds import sample_round
 
 _HELD_OUT_SEED_OFFSET = 1_000_003
 

@@ -9,13 +9,12 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
+from fedtune.fl.config import ClientConfig
+from fedtune.fl.data import ClientDataError, ClientRef, open_client
+from fedtune.fl.evaluation import EvalSums
+from fedtune.fl.params import ClientUpdate, FeatureStats, ModelParams
+from fedtune.fl.statistics import Moments, StatsReport
 from sklearn.linear_model import SGDRegressor
-
-from fl.config import ClientConfig
-from fl.data import ClientDataError, ClientRef, open_client
-from fl.evaluation import EvalSums
-from fl.params import ClientUpdate, FeatureStats, ModelParams
-from fl.statistics import Moments, StatsReport
 
 _STREAM_CLIENT = 21
 

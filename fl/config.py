@@ -364,7 +364,7 @@ class FLConfig(_Section):
                 "rounds.min_clients: must be 1 under DP (a round's number of clients is private; "
                 f"an empty round adds noise only) (got {self.rounds.min_clients})"
             )
-        from fl.strategies import check_strategy
+        from fedtune.fl.strategies import check_strategy
 
         check_strategy(self)
         return self

@@ -1,8 +1,8 @@
 """docs/configuration.md, generated from `FLConfig`: each section's class docstring, then one
 table row per key (type, default, the field's docstring).
 
-Regenerate with ``python -m fl.config_reference > docs/configuration.md`` (or pass the path as
-the argument); ``tests/test_docs.py`` fails while the file is stale.
+Regenerate with ``python -m fedtune.fl.config_reference > docs/configuration.md`` (or pass the
+path as the argument); ``tests/test_docs.py`` fails while the file is stale.
 """
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ import types
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
+from fedtune.fl.config import FLConfig
 from pydantic.fields import FieldInfo
 
-from fl.config import FLConfig
-
-COMMAND = "python -m fl.config_reference > docs/configuration.md"
+COMMAND = "python -m fedtune.fl.config_reference > docs/configuration.md"
 
 _DOC_LINK = re.compile(r"\bdocs/([a-z_]+\.md)\b")
 

@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from fedtune.fl import partition
+from fedtune.fl.config import DataConfig
 from pydantic import BaseModel, ConfigDict
-
-from fl import partition
-from fl.config import DataConfig
 
 Split = Literal["train", "test"]
 FILE_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}

@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from fl.client import FinalReport
-from fl.config import FLConfig
-from fl.data import ClientRef, duplicate_clients, registry
-from fl.evaluation import (
+from fedtune.fl.client import FinalReport
+from fedtune.fl.config import FLConfig
+from fedtune.fl.data import ClientRef, duplicate_clients, registry
+from fedtune.fl.evaluation import (
     EvalSums,
     central_evaluate,
     named,
@@ -37,15 +36,15 @@ from fl.evaluation import (
     received_evaluation,
     train_loss,
 )
-from fl.exchange import Broadcast, Exchange, Failures, Returned
-from fl.lifecycle import InitModel, Promotion, decide_promotion
-from fl.params import FeatureStats, ModelParams, screen_updates
-from fl.privacy.accounting import Accountant
-from fl.privacy.plan import PrivacyPlan, budget_exhausted, plan_privacy, privacy_accountant
-from fl.rounds import EarlyStopping, clients_per_round, sample_round
-from fl.secagg.primitives import SecAggAbort
-from fl.statistics import combine_reports, consistent_reports
-from fl.strategies import Strategy, make_strategy
+from fedtune.fl.exchange import Broadcast, Exchange, Failures, Returned
+from fedtune.fl.lifecycle import InitModel, Promotion, decide_promotion
+from fedtune.fl.params import FeatureStats, ModelParams, screen_updates
+from fedtune.fl.privacy.accounting import Accountant
+from fedtune.fl.privacy.plan import PrivacyPlan, budget_exhausted, plan_privacy, privacy_accountant
+from fedtune.fl.rounds import EarlyStopping, clients_per_round, sample_round
+from fedtune.fl.secagg.primitives import SecAggAbort
+from fedtune.fl.statistics import combine_reports, consistent_reports
+from fedtune.fl.strategies import Strategy, make_strategy
 
 
 class RoundFailed(RuntimeError):

@@ -91,7 +91,7 @@ def named(prefix: str, sums: EvalSums | None) -> dict[str, float]:
 
 def central_evaluate(params, stats, data, seed: int) -> EvalSums | None:
     """Evaluate a standardised-space model on the source's held-out set, if it has one."""
-    from fl.data import central_test_set
+    from fedtune.fl.data import central_test_set
 
     held_out = central_test_set(data, seed)
     if held_out is None:
@@ -103,7 +103,7 @@ def central_evaluate(params, stats, data, seed: int) -> EvalSums | None:
 def pooled_baseline(data, seed: int) -> float | None:
     """Central-test MSE of OLS on the union of the clients' training rows (simulated sources
     only: real silos cannot be pooled, which is the point)."""
-    from fl.data import central_test_set, pooled_train
+    from fedtune.fl.data import central_test_set, pooled_train
 
     held_out = central_test_set(data, seed)
     if held_out is None:

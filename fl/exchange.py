@@ -15,14 +15,13 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-
-from fl import client, faults
-from fl.client import FinalReport
-from fl.config import FLConfig
-from fl.data import ClientDataError, ClientRef
-from fl.params import ClientUpdate, FeatureStats, MaskedUpdate, ModelParams
-from fl.statistics import StatsReport
-from fl.strategies.aggregation import Contribution
+from fedtune.fl import client, faults
+from fedtune.fl.client import FinalReport
+from fedtune.fl.config import FLConfig
+from fedtune.fl.data import ClientDataError, ClientRef
+from fedtune.fl.params import ClientUpdate, FeatureStats, MaskedUpdate, ModelParams
+from fedtune.fl.statistics import StatsReport
+from fedtune.fl.strategies.aggregation import Contribution
 
 Failures = list[tuple[str, str]]
 """``(client_id, reason)`` for every client left out of a step; the reason is one line."""

@@ -12,11 +12,10 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
-
-from fl import client
-from fl.config import ClientConfig, FaultsConfig
-from fl.data import ClientRef
-from fl.params import ClientUpdate, FeatureStats, ModelParams
+from fedtune.fl import client
+from fedtune.fl.config import ClientConfig, FaultsConfig
+from fedtune.fl.data import ClientRef
+from fedtune.fl.params import ClientUpdate, FeatureStats, ModelParams
 
 _STREAM_FAULTS = 51
 _STREAM_BYZANTINE = 52

@@ -6,9 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from fedtune.fl.params import FeatureStats, ModelParams
 from sklearn.pipeline import Pipeline
-
-from fl.params import FeatureStats, ModelParams
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from fedtune.fl.evaluation import EvalSums
 from sklearn.linear_model import SGDRegressor
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
-
-from fl.evaluation import EvalSums
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
-from fl.config import RoundsConfig
+from fedtune.fl.config import RoundsConfig
 
 _STREAM_SAMPLING = 31
 _STREAM_POISSON = 32

@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from fl.config import FLConfig
-from fl.engine import Outcome, Run
-from fl.exchange import Exchange, InProcess
-from fl.params import FeatureStats, ModelParams
+from fedtune.fl.config import FLConfig
+from fedtune.fl.engine import Outcome, Run
+from fedtune.fl.exchange import Exchange, InProcess
+from fedtune.fl.params import FeatureStats, ModelParams
 
 
 @dataclass
@@ -33,8 +32,8 @@ class SimulationResult:
 def in_process_exchange(config: FLConfig) -> Exchange:
     """Every client in this process; under secure aggregation, the real protocol in-process."""
     if config.privacy.secure_aggregation:
-        from fl.secagg.exchange import SecureExchange
-        from fl.secagg.parties import InProcessParties
+        from fedtune.fl.secagg.exchange import SecureExchange
+        from fedtune.fl.secagg.parties import InProcessParties
 
         return SecureExchange(InProcess(config), InProcessParties(config), config)
     return InProcess(config)

@@ -12,8 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-
-from fl.params import FeatureStats
+from fedtune.fl.params import FeatureStats
 
 
 @dataclass(frozen=True)

@@ -97,10 +97,9 @@ def _fail(kind: str, message: str, code: int) -> int:
 
 def _audit(run_id: str, uri: str) -> int:
     import numpy as np
-
-    from fl.audit import client_losses, membership_audit
-    from fl.params import ModelParams
-    from tasks.tracking import load_run, log_audit
+    from fedtune.fl.audit import client_losses, membership_audit
+    from fedtune.fl.params import ModelParams
+    from fedtune.tasks.tracking import load_run, log_audit
 
     try:
         config, summary = load_run(uri, run_id)
@@ -128,15 +127,15 @@ def _audit(run_id: str, uri: str) -> int:
 
 
 def _audit_command(args: argparse.Namespace) -> int:
-    from tasks.tracking import DEFAULT_TRACKING_URI
+    from fedtune.tasks.tracking import DEFAULT_TRACKING_URI
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     return _audit(args.run, uri)
 
 
 def _resumed_config(args: argparse.Namespace):
-    from fl.config import ConfigError
-    from tasks.tracking import DEFAULT_TRACKING_URI, load_run_config
+    from fedtune.fl.config import ConfigError
+    from fedtune.tasks.tracking import DEFAULT_TRACKING_URI, load_run_config
 
     if args.config or args.overrides:
         raise ConfigError("--resume: the run keeps its own configuration; drop --config/--set")
@@ -150,8 +149,8 @@ def _resumed_config(args: argparse.Namespace):
 def _checked_config(args: argparse.Namespace, announce=None):
     """The effective configuration, checked against its data source; ``None`` once a config
     error has been reported. ``announce`` is told about a slow step (noise calibration)."""
-    from fl.config import ConfigError, load_config
-    from fl.data import ClientDataError
+    from fedtune.fl.config import ConfigError, load_config
+    from fedtune.fl.data import ClientDataError
 
     root = logging.getLogger()
     handlers = list(root.handlers)
@@ -176,10 +175,10 @@ def _checked_config(args: argparse.Namespace, announce=None):
 
 
 def _check_against_data(config, announce) -> None:
-    from fl.data import registry
-    from fl.privacy.plan import plan_privacy
-    from fl.rounds import clients_per_round
-    from fl.strategies import make_strategy
+    from fedtune.fl.data import registry
+    from fedtune.fl.privacy.plan import plan_privacy
+    from fedtune.fl.rounds import clients_per_round
+    from fedtune.fl.strategies import make_strategy
 
     num_clients = len(registry(config.data, config.experiment.seed))
     clients_per_round(config.rounds, num_clients)
@@ -204,7 +203,7 @@ def _quiet_task_logs(verbose: bool) -> None:
     """Prefect's per-task lines only with ``--verbose``. A client's expected failure (bad data,
     an injected crash) is one WARNING line of the flow's; Prefect's ERROR lines about it are
     dropped, or with ``--verbose`` kept without their empty traceback. A bug's are kept."""
-    from tasks.client import ExpectedFailureLog
+    from fedtune.tasks.client import ExpectedFailureLog
 
     task_runs = logging.getLogger("prefect.task_runs")
     if not verbose:
@@ -506,7 +505,7 @@ def _run_command(args: argparse.Namespace) -> int:
         return _fail(*problem)
     _quiet_temporary_server()
     _announce_prefect(api)
-    from flows.training import federated_training
+    from fedtune.flows.training import federated_training
 
     _quiet_task_logs(args.verbose)
     _quiet_expected_failures(args.verbose)
@@ -531,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["serve"]:
         # The command line is the entry point of every layer; only `serve` reaches the
         # deployments layer, and only when asked for.
-        from deployments.serve import main as serve
+        from fedtune.deployments.serve import main as serve
 
         return serve(argv[1:], prog="fedtune serve")
     args = _parser().parse_args(argv)

@@ -13,18 +13,17 @@ import math
 from itertools import pairwise
 from typing import Any, Literal
 
+from fedtune.fl.client import FinalReport
+from fedtune.fl.config import FLConfig
+from fedtune.fl.data import ClientRef
+from fedtune.fl.exchange import Broadcast, Exchange, Failures, Returned
+from fedtune.fl.params import ClientUpdate, FeatureStats, ModelParams
+from fedtune.fl.statistics import StatsReport
+from fedtune.flows.outcomes import collect
+from fedtune.tasks import secure_aggregation as secagg_tasks
+from fedtune.tasks.client import client_statistics, final_report, train_client, train_clients
 from prefect import unmapped
 from prefect.utilities.annotations import quote
-
-from fl.client import FinalReport
-from fl.config import FLConfig
-from fl.data import ClientRef
-from fl.exchange import Broadcast, Exchange, Failures, Returned
-from fl.params import ClientUpdate, FeatureStats, ModelParams
-from fl.statistics import StatsReport
-from flows.outcomes import collect
-from tasks import secure_aggregation as secagg_tasks
-from tasks.client import client_statistics, final_report, train_client, train_clients
 
 AUTO_TASKS = 16
 """``clients_per_task = "auto"``: at most this many training tasks per round."""
@@ -167,6 +166,6 @@ def open_exchange(config: FLConfig) -> Exchange:
     plain = PrefectExchange(config)
     if not config.privacy.secure_aggregation:
         return plain
-    from fl.secagg.exchange import SecureExchange
+    from fedtune.fl.secagg.exchange import SecureExchange
 
     return SecureExchange(plain, PrefectParties(config), config)

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from fedtune.fl.data import ClientRef
+from fedtune.fl.exchange import reason
 from prefect.futures import PrefectFuture, wait
-
-from fl.data import ClientRef
-from fl.exchange import reason
 
 
 def collect(

@@ -8,16 +8,15 @@ import logging
 import re
 from typing import Any
 
+from fedtune.fl.config import FLConfig
+from fedtune.fl.data import registry
+from fedtune.fl.engine import Outcome, RoundRecord, Run, RunState
+from fedtune.fl.evaluation import named
+from fedtune.fl.privacy.plan import privacy_accountant, privacy_summary
+from fedtune.tasks.server import pooled_baseline
+from fedtune.tasks.tracking import end_run, log_final, log_round, tracking_uri
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture
-
-from fl.config import FLConfig
-from fl.data import registry
-from fl.engine import Outcome, RoundRecord, Run, RunState
-from fl.evaluation import named
-from fl.privacy.plan import privacy_accountant, privacy_summary
-from tasks.server import pooled_baseline
-from tasks.tracking import end_run, log_final, log_round, tracking_uri
 
 
 class RunReport:

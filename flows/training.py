@@ -9,18 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
-from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import BaseModel
-
-import fl
-from fl.config import FLConfig
-from fl.engine import RoundFailed, Run, RunState
-from fl.lifecycle import InitModel
-from flows.exchange import open_exchange
-from flows.reporting import RunReport, announce_setup
-from tasks.tracking import (
+from fedtune import fl
+from fedtune.fl.config import FLConfig
+from fedtune.fl.engine import RoundFailed, Run, RunState
+from fedtune.fl.lifecycle import InitModel
+from fedtune.flows.exchange import open_exchange
+from fedtune.flows.reporting import RunReport, announce_setup
+from fedtune.tasks.tracking import (
     end_run,
     load_champion,
     load_checkpoint,
@@ -28,6 +23,10 @@ from tasks.tracking import (
     own_champion_uri,
     start_run,
 )
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel
 
 __all__ = ["RoundFailed", "TrainingResult", "federated_training"]
 

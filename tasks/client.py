@@ -17,19 +17,18 @@ import time
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
+from fedtune.fl import client
+from fedtune.fl import faults as fl_faults
+from fedtune.fl.config import ClientConfig, FaultsConfig, FLConfig
+from fedtune.fl.data import ClientDataError, ClientRef
+from fedtune.fl.exchange import Broadcast, InProcess, TimedOut, reason
+from fedtune.fl.params import ClientUpdate, FeatureStats, ModelParams
+from fedtune.fl.statistics import StatsReport
+from fedtune.tasks import TASK_OPTIONS
 from prefect import get_run_logger, task
 from prefect.exceptions import MissingContextError
 from prefect.runtime import task_run
 from prefect.states import Failed, State
-
-from fl import client
-from fl import faults as fl_faults
-from fl.config import ClientConfig, FaultsConfig, FLConfig
-from fl.data import ClientDataError, ClientRef
-from fl.exchange import Broadcast, InProcess, TimedOut, reason
-from fl.params import ClientUpdate, FeatureStats, ModelParams
-from fl.statistics import StatsReport
-from tasks import TASK_OPTIONS
 
 EXPECTED: tuple[type[Exception], ...] = (ClientDataError, fl_faults.InjectedFault)
 """A client's failures that are not bugs: they get one line, never a traceback."""

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from fedtune.fl.config import ClientConfig, FaultsConfig
+from fedtune.fl.data import ClientRef
+from fedtune.fl.exchange import Broadcast
+from fedtune.fl.params import MaskedUpdate
+from fedtune.fl.secagg import parties
+from fedtune.fl.secagg.bonawitz import AdvertisedKeys, EncryptedShare, UnmaskingResponse
+from fedtune.fl.secagg.primitives import FixedPoint
+from fedtune.fl.secagg.run_keys import PublicKey, Quorum, Unmasking
+from fedtune.tasks import TASK_OPTIONS
+from fedtune.tasks.client import settles_expected_failures
 from prefect import Task, task
 from prefect.runtime import task_run
-
-from fl.config import ClientConfig, FaultsConfig
-from fl.data import ClientRef
-from fl.exchange import Broadcast
-from fl.params import MaskedUpdate
-from fl.secagg import parties
-from fl.secagg.bonawitz import AdvertisedKeys, EncryptedShare, UnmaskingResponse
-from fl.secagg.primitives import FixedPoint
-from fl.secagg.run_keys import PublicKey, Quorum, Unmasking
-from tasks import TASK_OPTIONS
-from tasks.client import settles_expected_failures
 
 KEYS = parties.KeyStore()
 """The secrets of the clients whose tasks run in this process."""

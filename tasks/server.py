@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from fedtune.fl import evaluation
+from fedtune.fl.config import DataConfig
+from fedtune.tasks import TASK_OPTIONS
 from prefect import task
-
-from fl import evaluation
-from fl.config import DataConfig
-from tasks import TASK_OPTIONS
 
 
 @task(name="pooled-baseline", **TASK_OPTIONS)

@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fedtune.fl.client import make_estimator
+from fedtune.fl.config import FLConfig
+from fedtune.fl.lifecycle import InitModel, Promotion
+from fedtune.fl.params import FeatureStats, ModelParams, to_pipeline
+from fedtune.tasks import TASK_OPTIONS
 from prefect import task
-
-from fl.client import make_estimator
-from fl.config import FLConfig
-from fl.lifecycle import InitModel, Promotion
-from fl.params import FeatureStats, ModelParams, to_pipeline
-from tasks import TASK_OPTIONS
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 

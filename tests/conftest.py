@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -47,10 +46,9 @@ def prefect_api_url(prefect_api) -> str:
 
 def cli_env(tmp_path, api_url: str | None = None) -> dict[str, str]:
     """A new user's environment for a ``fedtune`` subprocess (no PREFECT_/MLFLOW_ settings of
-    ours), with this checkout importable; with ``api_url``, the shared Prefect API."""
+    ours; fedtune is installed, as for a user); with ``api_url``, the shared Prefect API."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     if api_url is not None:
         env["PREFECT_API_URL"] = api_url
     return env

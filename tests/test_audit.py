@@ -6,13 +6,18 @@ import math
 
 import numpy as np
 import pytest
+from fedtune.fl.audit import (
+    auc,
+    best_advantage,
+    client_losses,
+    dp_advantage_bound,
+    membership_audit,
+)
+from fedtune.fl.config import load_config
+from fedtune.fl.simulation import simulate
+from fedtune.flows.cli import main
+from fedtune.flows.training import federated_training
 from mlflow import MlflowClient
-
-from fl.audit import auc, best_advantage, client_losses, dp_advantage_bound, membership_audit
-from fl.config import load_config
-from fl.simulation import simulate
-from flows.cli import main
-from flows.training import federated_training
 
 
 def test_attack_statistics_on_known_scores():

@@ -7,15 +7,14 @@ import time
 
 import numpy as np
 import pytest
-
-from fl.config import ConfigError, load_config
-from fl.data import ClientRef, registry
-from fl.engine import Run
-from fl.exchange import Broadcast, InProcess
-from fl.params import ClientUpdate, ModelParams
-from fl.rounds import sample_round
-from flows.exchange import AUTO_TASKS, client_batches
-from tasks.client import batch_run_name, train_clients
+from fedtune.fl.config import ConfigError, load_config
+from fedtune.fl.data import ClientRef, registry
+from fedtune.fl.engine import Run
+from fedtune.fl.exchange import Broadcast, InProcess
+from fedtune.fl.params import ClientUpdate, ModelParams
+from fedtune.fl.rounds import sample_round
+from fedtune.flows.exchange import AUTO_TASKS, client_batches
+from fedtune.tasks.client import batch_run_name, train_clients
 
 
 def _refs(n: int) -> list[ClientRef]:
@@ -126,10 +125,10 @@ def test_a_slow_client_times_out_alone_and_its_slowness_is_not_slept():
 
 @pytest.mark.integration
 def test_batched_flow_equals_per_client_flow_and_the_engine(prefect_api, mlflow_uri):
+    from fedtune.fl.simulation import simulate
+    from fedtune.flows.training import federated_training
     from mlflow import MlflowClient
 
-    from fl.simulation import simulate
-    from flows.training import federated_training
     from tests.test_flow import _task_runs
 
     base = [

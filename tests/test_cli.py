@@ -22,10 +22,15 @@ def test_fedtune_run_needs_no_server_and_prints_no_errors(tmp_path):
         if not k.startswith(("PREFECT_", "MLFLOW_"))  # exactly what a new user has
     }
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    # A user's own modules named like fedtune's folders: fedtune installs as `fedtune.*` only,
+    # so these are never imported (they would fail the run if they were).
+    for name in ("tasks", "flows", "fl", "deployments"):
+        (tmp_path / f"{name}.py").write_text(f"raise ImportError('the user's own {name}.py')\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", "--set", "rounds.num_rounds=3", "-o", "s.json"],
+        [str(Path(sys.executable).with_name("fedtune")), "run"]
+        + ["--set", "rounds.num_rounds=3", "-o", "s.json"],
         cwd=tmp_path,
-        env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,

@@ -32,9 +32,9 @@ def _clients_with_one_bad_file(directory: Path) -> Path:
 
 
 def _setup(tmp_path, *overrides):
-    from fl.config import load_config
-    from fl.data import registry
-    from fl.params import FeatureStats, ModelParams
+    from fedtune.fl.config import load_config
+    from fedtune.fl.data import registry
+    from fedtune.fl.params import FeatureStats, ModelParams
 
     bad = _clients_with_one_bad_file(tmp_path / "clients")
     config = load_config(
@@ -57,8 +57,8 @@ def _counting_runs(task, retries: int):
 
 @pytest.mark.integration
 def test_bad_data_ends_failed_with_its_line_and_is_not_retried(prefect_api, tmp_path):
-    from fl.data import ClientDataError
-    from tasks.client import client_statistics, train_client
+    from fedtune.fl.data import ClientDataError
+    from fedtune.tasks.client import client_statistics, train_client
 
     config, refs, params, stats, bad = _setup(tmp_path)
     trainer, runs = _counting_runs(train_client, retries=1)
@@ -75,8 +75,8 @@ def test_bad_data_ends_failed_with_its_line_and_is_not_retried(prefect_api, tmp_
 
 @pytest.mark.integration
 def test_an_injected_crash_is_retried_and_ends_failed_with_its_line(prefect_api, tmp_path):
-    from fl.faults import InjectedFault
-    from tasks.client import train_client
+    from fedtune.fl.faults import InjectedFault
+    from fedtune.tasks.client import train_client
 
     config, refs, params, stats, _ = _setup(
         tmp_path, "client.retries=1", "faults.always_fail=['clinic-0']"
@@ -95,7 +95,7 @@ def test_an_injected_crash_is_retried_and_ends_failed_with_its_line(prefect_api,
 
 
 def test_prefect_error_lines_of_expected_failures_are_dropped_or_kept_without_traceback():
-    from tasks.client import ExpectedFailureLog
+    from fedtune.tasks.client import ExpectedFailureLog
 
     def record(msg, exc_info=None):
         return logging.LogRecord("prefect.task_runs", logging.ERROR, "x", 1, msg, (), exc_info)

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from fl.config import ConfigError, FLConfig, load_config
-from flows.cli import main
+from fedtune.fl.config import ConfigError, FLConfig, load_config
+from fedtune.flows.cli import main
 
 SEED = Path(__file__).resolve().parents[1] / "configs" / "seed.toml"
 

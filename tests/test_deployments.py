@@ -28,11 +28,10 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 import yaml
+from fedtune.deployments.parameters import deployment_parameters
+from fedtune.deployments.serve import PREFECT_FILE, REPO, project_deployments
+from fedtune.fl.config import load_config
 from mlflow import MlflowClient
-
-from deployments.parameters import deployment_parameters
-from deployments.serve import PREFECT_FILE, REPO, project_deployments
-from fl.config import load_config
 
 pytestmark = pytest.mark.integration
 
@@ -86,7 +85,7 @@ def test_deployment_parameters_are_their_config_file(name):
     expected = deployment_parameters(REPO / CONFIG_FILES[name])
     assert _deployment(name)["parameters"] == expected, (
         f"deployments/prefect.yaml's {name} parameters differ from {CONFIG_FILES[name]}; "
-        f"paste the output of `python -m deployments.parameters {CONFIG_FILES[name]}`"
+        f"paste the output of `python -m fedtune.deployments.parameters {CONFIG_FILES[name]}`"
     )
 
 
@@ -114,7 +113,7 @@ def test_nightly_schedule_is_two_oclock_berlin_every_day_across_dst():
 
 
 def test_serve_refuses_a_schedule_it_would_drop():
-    from deployments.serve import _schedules
+    from fedtune.deployments.serve import _schedules
 
     entry = {"name": "hourly", "schedules": [{"interval": 3600}]}
     with pytest.raises(ValueError, match="'hourly': serve takes schedules of cron and timezone"):
@@ -518,7 +517,7 @@ def test_nightly_finetune_promotes_then_finetunes_from_its_champion(worker, mlfl
 def test_serve_runs_the_same_deployments_without_a_worker(deployed, mlflow_store):
     """Kept last: serving replaces the module's work-pool deployments."""
     env = {**deployed.env, "MLFLOW_TRACKING_URI": mlflow_store.uri}
-    serve = [sys.executable, "-m", "deployments.serve"]
+    serve = [sys.executable, "-m", "fedtune.deployments.serve"]
     refused = subprocess.run(serve, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2
     assert f"{FLOW}/nightly-finetune is deployed to work pool '{POOL}'" in refused.stderr

@@ -6,9 +6,8 @@ import re
 from pathlib import Path
 
 import pytest
-
-from fl import config_reference
-from fl.config import FLConfig
+from fedtune.fl import config_reference
+from fedtune.fl.config import FLConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "docs" / "configuration.md"

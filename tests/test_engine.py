@@ -16,23 +16,24 @@ from collections import Counter
 from pathlib import Path
 
 import dp_accounting
+import fedtune.fl.client  # noqa: F401 (used as fl.client)
+import fedtune.fl.strategies  # noqa: F401 (used as fl.strategies)
 import numpy as np
 import pandas as pd
 import pytest
+from fedtune import fl
+from fedtune.fl.config import ConfigError, load_config
+from fedtune.fl.data import ClientDataError, registry
+from fedtune.fl.engine import RoundFailed, Run
+from fedtune.fl.params import ClientUpdate, ModelParams
+from fedtune.fl.privacy.dp_fedavg import DPFedAvg
+from fedtune.fl.privacy.plan import plan_privacy
+from fedtune.fl.secagg.primitives import FRAC_BITS
+from fedtune.fl.secagg.run_keys import RunKeysClient, share_holders
+from fedtune.fl.simulation import in_process_exchange, simulate
+from fedtune.fl.statistics import combine_reports
+from fedtune.fl.strategies import make_strategy
 
-import fl.client
-import fl.strategies
-from fl.config import ConfigError, load_config
-from fl.data import ClientDataError, registry
-from fl.engine import RoundFailed, Run
-from fl.params import ClientUpdate, ModelParams
-from fl.privacy.dp_fedavg import DPFedAvg
-from fl.privacy.plan import plan_privacy
-from fl.secagg.primitives import FRAC_BITS
-from fl.secagg.run_keys import RunKeysClient, share_holders
-from fl.simulation import in_process_exchange, simulate
-from fl.statistics import combine_reports
-from fl.strategies import make_strategy
 from tests.conftest import write_client_files
 
 SEED = Path(__file__).resolve().parents[1] / "configs" / "seed.toml"

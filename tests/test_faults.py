@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fedtune.fl.config import load_config
+from fedtune.flows.training import federated_training
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from fl.config import load_config
-from flows.training import federated_training
 from tests.test_flow import SEED
 
 QUIET = ["experiment.log_round_models=false"]
@@ -52,11 +52,10 @@ def test_stragglers_past_the_round_deadline_are_left_out(prefect_api, mlflow_uri
 
 
 def test_data_errors_are_not_retried_but_crashes_are():
+    from fedtune.fl.data import ClientDataError
+    from fedtune.fl.faults import InjectedFault
+    from fedtune.tasks.client import _transient
     from prefect.states import Failed
-
-    from fl.data import ClientDataError
-    from fl.faults import InjectedFault
-    from tasks.client import _transient
 
     assert _transient(None, None, Failed(data=InjectedFault("crash"))) is True
     assert _transient(None, None, Failed(data=ClientDataError("c", "f", "bad"))) is False

@@ -7,16 +7,16 @@ never from :mod:`fl.client` itself. Each client's rows are served by a stand-in 
 
 from __future__ import annotations
 
+import fedtune.fl.client  # noqa: F401 (used as fl.client)
 import numpy as np
 import pytest
+from fedtune import fl
+from fedtune.fl.config import ClientConfig, ConfigError, DataConfig, load_config
+from fedtune.fl.data import ClientRef
+from fedtune.fl.params import FeatureStats, ModelParams
+from fedtune.fl.simulation import simulate
 from pydantic import ValidationError
 from sklearn.linear_model import SGDRegressor
-
-import fl.client
-from fl.config import ClientConfig, ConfigError, DataConfig, load_config
-from fl.data import ClientRef
-from fl.params import FeatureStats, ModelParams
-from fl.simulation import simulate
 
 REF = ClientRef(client_id="clinic-7", index=0, data=DataConfig(), seed=3)
 IDENTITY = FeatureStats(

@@ -6,10 +6,9 @@ import pickle
 
 import numpy as np
 import pytest
-
-from fl import client, partition
-from fl.config import ClientConfig, DataConfig, FLConfig
-from fl.data import (
+from fedtune.fl import client, partition
+from fedtune.fl.config import ClientConfig, DataConfig, FLConfig
+from fedtune.fl.data import (
     ClientDataError,
     ClientRef,
     duplicate_clients,
@@ -17,10 +16,11 @@ from fl.data import (
     pooled_train,
     registry,
 )
-from fl.evaluation import EvalSums, ols_baseline, pooled_baseline
-from fl.params import ClientUpdate, FeatureStats, ModelParams, screen_updates, to_pipeline
-from fl.statistics import Moments, StatsReport, combine, combine_reports, consistent_reports
-from fl.strategies import FedAvg
+from fedtune.fl.evaluation import EvalSums, ols_baseline, pooled_baseline
+from fedtune.fl.params import ClientUpdate, FeatureStats, ModelParams, screen_updates, to_pipeline
+from fedtune.fl.statistics import Moments, StatsReport, combine, combine_reports, consistent_reports
+from fedtune.fl.strategies import FedAvg
+
 from tests.conftest import write_client_files
 
 

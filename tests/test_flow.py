@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from fedtune.fl.config import load_config
+from fedtune.fl.data import open_client, registry
+from fedtune.fl.evaluation import ols_baseline
+from fedtune.fl.simulation import simulate
+from fedtune.flows.training import federated_training
 from mlflow import MlflowClient
 
-from fl.config import load_config
-from fl.data import open_client, registry
-from fl.evaluation import ols_baseline
-from fl.simulation import simulate
-from flows.training import federated_training
 from tests.conftest import write_client_files
 
 pytestmark = pytest.mark.integration
@@ -97,7 +97,9 @@ def test_flow_runs_the_engine_and_logs_what_it_did(
     prefect_api, mlflow_uri, tmp_path, monkeypatch, case
 ):
     # DP noise is secret in a real run; a test injects one seed into both runs' generators.
-    monkeypatch.setattr("fl.privacy.mechanisms.secret_rng", lambda: np.random.default_rng(11))
+    monkeypatch.setattr(
+        "fedtune.fl.privacy.mechanisms.secret_rng", lambda: np.random.default_rng(11)
+    )
     config = load_config(None, [*CASES[case](tmp_path), "experiment.log_round_models=false"])
     result = federated_training(config)
     plain = simulate(config)

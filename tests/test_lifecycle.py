@@ -4,10 +4,10 @@ promote (or not), personalization report, Prefect artifacts."""
 from __future__ import annotations
 
 import pytest
+from fedtune.fl.config import load_config
+from fedtune.flows.training import federated_training
 from mlflow import MlflowClient
 
-from fl.config import load_config
-from flows.training import federated_training
 from tests.test_flow import SEED
 
 pytestmark = pytest.mark.integration

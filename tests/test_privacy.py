@@ -9,20 +9,19 @@ import dp_accounting
 import numpy as np
 import pytest
 from dp_accounting import pld, rdp
-from scipy import stats
-
-from fl.params import ClientUpdate, ModelParams
-from fl.privacy.accounting import PLD_DISCRETIZATION, Accountant, calibrate_noise_multiplier
-from fl.privacy.dp_fedavg import DPFedAvg, DPState
-from fl.privacy.mechanisms import (
+from fedtune.fl.params import ClientUpdate, ModelParams
+from fedtune.fl.privacy.accounting import PLD_DISCRETIZATION, Accountant, calibrate_noise_multiplier
+from fedtune.fl.privacy.dp_fedavg import DPFedAvg, DPState
+from fedtune.fl.privacy.mechanisms import (
     adapt_clip_norm,
     clip_update,
     noised_mean_update,
     sum_noise_multiplier,
 )
-from fl.rounds import poisson_sample
-from fl.strategies import Contribution, FedAvg
-from fl.strategies.aggregation import sum_contributions
+from fedtune.fl.rounds import poisson_sample
+from fedtune.fl.strategies import Contribution, FedAvg
+from fedtune.fl.strategies.aggregation import sum_contributions
+from scipy import stats
 
 
 def _dp(z, clip, expected_clients, seed=0, **kwargs) -> DPFedAvg:
@@ -137,9 +136,9 @@ def test_dpfedavg_noise_is_fresh_every_round_and_present_in_empty_rounds():
 
 
 def test_the_default_noise_source_is_secret_and_never_repeats():
-    from fl.config import load_config
-    from fl.privacy.plan import plan_privacy
-    from fl.strategies import make_strategy
+    from fedtune.fl.config import load_config
+    from fedtune.fl.privacy.plan import plan_privacy
+    from fedtune.fl.strategies import make_strategy
 
     config = load_config(None, ["privacy.noise_multiplier=1.0", "experiment.seed=3"])
     plan = plan_privacy(config, 10)

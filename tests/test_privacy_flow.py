@@ -9,12 +9,12 @@ import re
 
 import numpy as np
 import pytest
+from fedtune.fl.config import load_config
+from fedtune.fl.secagg.run_keys import Quorum, share_holders
+from fedtune.fl.simulation import simulate
+from fedtune.flows.training import federated_training
 from mlflow import MlflowClient
 
-from fl.config import load_config
-from fl.secagg.run_keys import Quorum, share_holders
-from fl.simulation import simulate
-from flows.training import federated_training
 from tests.test_engine import DP as ENGINE_DP
 from tests.test_engine import independent_epsilon
 from tests.test_flow import _task_runs

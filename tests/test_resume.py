@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fedtune.fl.config import load_config
+from fedtune.fl.simulation import simulate
 from mlflow import MlflowClient
 
-from fl.config import load_config
-from fl.simulation import simulate
 from tests.conftest import cli_env
 
 pytestmark = pytest.mark.integration
@@ -28,7 +28,7 @@ OVERRIDES = [f"rounds.num_rounds={ROUNDS}", "data.num_clients=20", "rounds.clien
 
 def _fedtune(tmp_path: Path, api_url: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", *args],
+        [sys.executable, "-m", "fedtune.flows.cli", "run", *args],
         cwd=tmp_path,
         env=cli_env(tmp_path, api_url),  # the shared Prefect API: SIGKILL kills only the run
         stdout=subprocess.PIPE,

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import stats
-
-from fl.config import ConfigError, load_config
-from fl.params import ClientUpdate, ModelParams
-from fl.privacy.dp_fedavg import DPFedAvg
-from fl.secagg.bonawitz import SecAggClient, SecAggServer, secure_sum
-from fl.secagg.primitives import (
+from fedtune.fl.config import ConfigError, load_config
+from fedtune.fl.params import ClientUpdate, ModelParams
+from fedtune.fl.privacy.dp_fedavg import DPFedAvg
+from fedtune.fl.secagg.bonawitz import SecAggClient, SecAggServer, secure_sum
+from fedtune.fl.secagg.primitives import (
     SHAMIR_PRIME,
     FixedPoint,
     SecAggAbort,
@@ -18,7 +16,8 @@ from fl.secagg.primitives import (
     shamir_reconstruct,
     shamir_split,
 )
-from fl.strategies import Contribution, FedAvg
+from fedtune.fl.strategies import Contribution, FedAvg
+from scipy import stats
 
 
 def _seeds(ids, seed=0) -> dict[int, bytes]:

@@ -5,9 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fedtune.fl.secagg.primitives import (
+    FIELD,
+    FixedPoint,
+    SecAggAbort,
+    prg,
+    rebuild_seeds,
+    split_seed,
+)
+from fedtune.fl.secagg.run_keys import Quorum, RunKeysClient, RunKeysServer, share_holders
 
-from fl.secagg.primitives import FIELD, FixedPoint, SecAggAbort, prg, rebuild_seeds, split_seed
-from fl.secagg.run_keys import Quorum, RunKeysClient, RunKeysServer, share_holders
 from tests.test_secagg import UNIFORM_P, _seeds, _top_byte_p_value
 
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
-from fl.config import load_config
-from fl.evaluation import pooled_baseline
-from fl.simulation import simulate
+from fedtune.fl.config import load_config
+from fedtune.fl.evaluation import pooled_baseline
+from fedtune.fl.simulation import simulate
 
 
 @pytest.mark.parametrize("partition", ["iid", "dirichlet", "label-skew"])

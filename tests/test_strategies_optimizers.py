@@ -14,15 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fedtune.fl.config import load_config
+from fedtune.fl.engine import Run
+from fedtune.fl.params import ClientUpdate, ModelParams
+from fedtune.fl.privacy.dp_fedavg import DPFedAvg
+from fedtune.fl.simulation import in_process_exchange, simulate
+from fedtune.fl.strategies import STRATEGIES, SUM_STRATEGIES, make_strategy
+from fedtune.fl.strategies.adaptive import AdaptiveState
+from fedtune.fl.strategies.fedavg import FedAvg
 
-from fl.config import load_config
-from fl.engine import Run
-from fl.params import ClientUpdate, ModelParams
-from fl.privacy.dp_fedavg import DPFedAvg
-from fl.simulation import in_process_exchange, simulate
-from fl.strategies import STRATEGIES, SUM_STRATEGIES, make_strategy
-from fl.strategies.adaptive import AdaptiveState
-from fl.strategies.fedavg import FedAvg
 from tests.test_engine import independent_epsilon
 
 SEED = Path(__file__).resolve().parents[1] / "configs" / "seed.toml"

@@ -9,21 +9,21 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import fedtune.fl.client  # noqa: F401 (used as fl.client)
+import fedtune.fl.faults  # noqa: F401 (used as fl.faults)
 import numpy as np
 import pytest
-
-import fl.client
-import fl.faults
-from fl.config import ConfigError, FaultsConfig, load_config
-from fl.data import registry
-from fl.engine import RoundFailed
-from fl.params import ClientUpdate, ModelParams
-from fl.simulation import simulate
-from fl.statistics import combine_reports
-from fl.strategies import STRATEGIES, SUM_STRATEGIES, make_strategy
-from fl.strategies.krum import Krum, MultiKrum, krum_scores
-from fl.strategies.median import Median
-from fl.strategies.trimmed_mean import TrimmedMean
+from fedtune import fl
+from fedtune.fl.config import ConfigError, FaultsConfig, load_config
+from fedtune.fl.data import registry
+from fedtune.fl.engine import RoundFailed
+from fedtune.fl.params import ClientUpdate, ModelParams
+from fedtune.fl.simulation import simulate
+from fedtune.fl.statistics import combine_reports
+from fedtune.fl.strategies import STRATEGIES, SUM_STRATEGIES, make_strategy
+from fedtune.fl.strategies.krum import Krum, MultiKrum, krum_scores
+from fedtune.fl.strategies.median import Median
+from fedtune.fl.strategies.trimmed_mean import TrimmedMean
 
 SEED = Path(__file__).resolve().parents[1] / "configs" / "seed.toml"
 ROBUST = ["median", "trimmed-mean", "krum", "multi-krum"]

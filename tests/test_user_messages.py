@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from fedtune.fl.config import ConfigError, load_config
+from fedtune.fl.data import ClientDataError, registry
+from fedtune.flows.cli import format_model, left_out_lines, main
 
-from fl.config import ConfigError, load_config
-from fl.data import ClientDataError, registry
-from flows.cli import format_model, left_out_lines, main
 from tests.conftest import cli_env, write_client_files
 
 # -- pure: messages --------------------------------------------------------------------------
@@ -82,7 +82,7 @@ def test_left_out_clients_are_named_with_their_reason_or_counted():
 
 
 def test_early_stop_names_the_rounds_the_metric_and_the_model_kept():
-    from flows.reporting import early_stop_message
+    from fedtune.flows.reporting import early_stop_message
 
     config = load_config(None, ["rounds.patience=2", "rounds.tolerance=0.05"])
     history = [
@@ -143,7 +143,7 @@ def _fedtune(tmp_path, env, *args) -> tuple[subprocess.CompletedProcess, float]:
     """Run ``fedtune run ARGS``; also how long its first line took."""
     started = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", *args],
+        [sys.executable, "-m", "fedtune.flows.cli", "run", *args],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -252,7 +252,7 @@ def test_early_stop_and_a_left_out_client_are_said_and_written(
 
 def test_the_output_fields_are_documented():
     """Every field ``--output`` writes has a row in README's table."""
-    from flows.training import TrainingResult
+    from fedtune.flows.training import TrainingResult
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme[readme.index("`--output` JSON") :]

@@ -21,15 +21,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from fl.params import ClientUpdate, ModelParams
-from fl.privacy.mechanisms import (
+from fedtune.fl.params import ClientUpdate, ModelParams
+from fedtune.fl.privacy.mechanisms import (
     adapt_clip_norm,
     noised_mean_update,
     noised_unclipped_fraction,
     sum_noise_multiplier,
 )
-from fl.strategies.aggregation import Contribution, SumStrategy, check_sum, sum_contributions
+from fedtune.fl.strategies.aggregation import (
+    Contribution,
+    SumStrategy,
+    check_sum,
+    sum_contributions,
+)
 
 
 @dataclass(frozen=True)

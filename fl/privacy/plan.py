@@ -7,10 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fl.privacy.accounting import Accountant, calibrate_noise_multiplier
+from fedtune.fl.privacy.accounting import Accountant, calibrate_noise_multiplier
 
 if TYPE_CHECKING:
-    from fl.config import FLConfig
+    from fedtune.fl.config import FLConfig
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ def plan_privacy(config: FLConfig, num_clients: int) -> PrivacyPlan | None:
     The sampling rate is ``rounds.fraction``, else ``clients_per_round / N``, else 1; with
     ``target_epsilon`` (and no ``noise_multiplier``) z is calibrated for ``rounds.num_rounds``.
     """
-    from fl.rounds import clients_per_round
+    from fedtune.fl.rounds import clients_per_round
 
     p = config.privacy
     if not p.dp:

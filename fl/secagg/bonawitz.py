@@ -45,8 +45,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-from fl.secagg.primitives import (
+from fedtune.fl.secagg.primitives import (
     SHAMIR_BYTES,
     SHAMIR_PRIME,
     FixedPoint,

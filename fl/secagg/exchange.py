@@ -20,13 +20,13 @@ import time
 import uuid
 from typing import Any
 
-from fl.config import FLConfig
-from fl.data import ClientRef
-from fl.exchange import Broadcast, Exchange, Failures, Returned
-from fl.secagg.bonawitz import SecAggServer
-from fl.secagg.parties import Parties
-from fl.secagg.primitives import FixedPoint, SecAggAbort
-from fl.secagg.run_keys import Quorum, RunKeysServer
+from fedtune.fl.config import FLConfig
+from fedtune.fl.data import ClientRef
+from fedtune.fl.exchange import Broadcast, Exchange, Failures, Returned
+from fedtune.fl.secagg.bonawitz import SecAggServer
+from fedtune.fl.secagg.parties import Parties
+from fedtune.fl.secagg.primitives import FixedPoint, SecAggAbort
+from fedtune.fl.secagg.run_keys import Quorum, RunKeysServer
 
 
 class SecureExchange:

@@ -20,14 +20,19 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from fl import faults as fl_faults
-from fl.config import ClientConfig, FaultsConfig, FLConfig
-from fl.data import ClientRef
-from fl.exchange import Broadcast, Failures, TimedOut, reason
-from fl.params import MaskedUpdate
-from fl.secagg.bonawitz import AdvertisedKeys, EncryptedShare, SecAggClient, UnmaskingResponse
-from fl.secagg.primitives import FixedPoint
-from fl.secagg.run_keys import PublicKey, Quorum, RunKeysClient, Unmasking
+from fedtune.fl import faults as fl_faults
+from fedtune.fl.config import ClientConfig, FaultsConfig, FLConfig
+from fedtune.fl.data import ClientRef
+from fedtune.fl.exchange import Broadcast, Failures, TimedOut, reason
+from fedtune.fl.params import MaskedUpdate
+from fedtune.fl.secagg.bonawitz import (
+    AdvertisedKeys,
+    EncryptedShare,
+    SecAggClient,
+    UnmaskingResponse,
+)
+from fedtune.fl.secagg.primitives import FixedPoint
+from fedtune.fl.secagg.run_keys import PublicKey, Quorum, RunKeysClient, Unmasking
 
 Sleep = Callable[[float], None]
 

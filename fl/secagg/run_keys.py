@@ -70,8 +70,7 @@ import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-from fl.secagg.primitives import (
+from fedtune.fl.secagg.primitives import (
     FIELD,
     LIMBS,
     MAX_COHORT,

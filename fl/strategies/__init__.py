@@ -7,20 +7,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-
-from fl.config import FLConfig
-from fl.strategies.aggregation import Contribution, Strategy, SumStrategy
-from fl.strategies.fedadagrad import FedAdagrad
-from fl.strategies.fedadam import FedAdam
-from fl.strategies.fedavg import FedAvg
-from fl.strategies.fedavgm import FedAvgM
-from fl.strategies.fedyogi import FedYogi
-from fl.strategies.krum import Krum, MultiKrum
-from fl.strategies.median import Median
-from fl.strategies.trimmed_mean import TrimmedMean
+from fedtune.fl.config import FLConfig
+from fedtune.fl.strategies.aggregation import Contribution, Strategy, SumStrategy
+from fedtune.fl.strategies.fedadagrad import FedAdagrad
+from fedtune.fl.strategies.fedadam import FedAdam
+from fedtune.fl.strategies.fedavg import FedAvg
+from fedtune.fl.strategies.fedavgm import FedAvgM
+from fedtune.fl.strategies.fedyogi import FedYogi
+from fedtune.fl.strategies.krum import Krum, MultiKrum
+from fedtune.fl.strategies.median import Median
+from fedtune.fl.strategies.trimmed_mean import TrimmedMean
 
 if TYPE_CHECKING:
-    from fl.privacy.plan import PrivacyPlan
+    from fedtune.fl.privacy.plan import PrivacyPlan
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
@@ -74,8 +73,8 @@ def make_strategy(
     # Under DP the wrapper weighs every client the same; the inner strategy says so too.
     uniform = config.server.model_copy(update={"weighting": "uniform"})
     inner = STRATEGIES[config.server.strategy].from_config(uniform)
-    from fl.privacy.dp_fedavg import DPFedAvg
-    from fl.privacy.mechanisms import secret_rng
+    from fedtune.fl.privacy.dp_fedavg import DPFedAvg
+    from fedtune.fl.privacy.mechanisms import secret_rng
 
     p = config.privacy
     strategy = DPFedAvg(

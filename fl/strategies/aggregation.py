@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-
-from fl.config import ServerConfig
-from fl.params import ClientUpdate, ModelParams
-from fl.privacy.mechanisms import clip_update
-from fl.secagg.primitives import FRAC_BITS
+from fedtune.fl.config import ServerConfig
+from fedtune.fl.params import ClientUpdate, ModelParams
+from fedtune.fl.privacy.mechanisms import clip_update
+from fedtune.fl.secagg.primitives import FRAC_BITS
 
 
 @runtime_checkable

@@ -5,8 +5,7 @@ moment keeps ``beta1`` momentum (``beta2`` is unused). See :mod:`fl.strategies.a
 from __future__ import annotations
 
 import numpy as np
-
-from fl.strategies.adaptive import AdaptiveOptimizer
+from fedtune.fl.strategies.adaptive import AdaptiveOptimizer
 
 
 class FedAdagrad(AdaptiveOptimizer):

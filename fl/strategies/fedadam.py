@@ -5,8 +5,7 @@ bias correction. See :mod:`fl.strategies.adaptive`."""
 from __future__ import annotations
 
 import numpy as np
-
-from fl.strategies.adaptive import AdaptiveOptimizer
+from fedtune.fl.strategies.adaptive import AdaptiveOptimizer
 
 
 class FedAdam(AdaptiveOptimizer):

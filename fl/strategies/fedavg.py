@@ -8,9 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
-from fl.params import ModelParams
-from fl.strategies.aggregation import SumStrategy
+from fedtune.fl.params import ModelParams
+from fedtune.fl.strategies.aggregation import SumStrategy
 
 
 class FedAvg(SumStrategy):

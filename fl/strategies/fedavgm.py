@@ -9,10 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from fl.config import ServerConfig
-from fl.params import ModelParams
-from fl.strategies.aggregation import SumStrategy
+from fedtune.fl.config import ServerConfig
+from fedtune.fl.params import ModelParams
+from fedtune.fl.strategies.aggregation import SumStrategy
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,7 @@ Adam's. See :mod:`fl.strategies.adaptive`."""
 from __future__ import annotations
 
 import numpy as np
-
-from fl.strategies.adaptive import AdaptiveOptimizer
+from fedtune.fl.strategies.adaptive import AdaptiveOptimizer
 
 
 class FedYogi(AdaptiveOptimizer):

@@ -7,9 +7,8 @@ The scores are only meaningful when n > 2f + 2."""
 from __future__ import annotations
 
 import numpy as np
-
-from fl.config import ServerConfig
-from fl.strategies.robust import VectorStrategy
+from fedtune.fl.config import ServerConfig
+from fedtune.fl.strategies.robust import VectorStrategy
 
 
 def krum_scores(vectors: np.ndarray, f: int) -> np.ndarray:

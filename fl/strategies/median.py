@@ -6,9 +6,8 @@ updates cannot drag far."""
 from __future__ import annotations
 
 import numpy as np
-
-from fl.config import ServerConfig
-from fl.strategies.robust import VectorStrategy
+from fedtune.fl.config import ServerConfig
+from fedtune.fl.strategies.robust import VectorStrategy
 
 
 class Median(VectorStrategy):

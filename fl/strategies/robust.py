@@ -8,9 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
-from fl.params import ClientUpdate, ModelParams
-from fl.strategies.aggregation import Stateless
+from fedtune.fl.params import ClientUpdate, ModelParams
+from fedtune.fl.strategies.aggregation import Stateless
 
 
 class VectorStrategy(Stateless):

@@ -8,9 +8,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
-from fl.config import ServerConfig
-from fl.strategies.robust import VectorStrategy
+from fedtune.fl.config import ServerConfig
+from fedtune.fl.strategies.robust import VectorStrategy
 
 
 class TrimmedMean(VectorStrategy):
