@@ -1,10 +1,14 @@
 """Privacy benchmarks; prints one JSON object per scenario.
 
-    python benchmarks/bench_privacy.py [--scenario dp|secagg|all]
+    python benchmarks/bench_privacy.py [--scenario dp|dp-engine|secagg|all] [--dp-runs N]
 
-dp      configs/dp.toml (1000 clients x 100 rows, Poisson q = 0.1, 20 rounds, target
-        epsilon 1.0 at delta 1e-5) through the flow, next to the same run without DP:
-        final epsilon and the ratio of central-eval MSEs.
+dp        configs/dp.toml (1000 clients x 100 rows, Poisson q = 0.1, 20 rounds, target
+          epsilon 1.0 at delta 1e-5, DP feature statistics included) through the flow, next to
+          the same run without DP: final epsilon and the ratio of central-eval MSEs.
+dp-engine the same comparison through the round engine in-process (fl.simulation.simulate,
+          no Prefect or MLflow), so that several DP runs (--dp-runs, default 5; each has its
+          own secret noise and sample) can be set against one non-DP run: every ratio, their
+          median and their maximum.
 secagg  100 clients, all every round, --rounds rounds (default 10): the median seconds per
         round with secure aggregation, keys once per run ("run", the default committee of 40
         share holders; "run_committee_all", every client a share holder) and fresh every round
@@ -76,6 +80,35 @@ def dp(work: Path) -> dict:
     }
 
 
+def dp_engine(runs: int) -> dict:
+    from fedtune.fl.config import load_config
+    from fedtune.fl.simulation import simulate
+
+    config = load_config(ROOT / "configs" / "dp.toml")
+    plain = simulate(config.model_copy(update={"privacy": type(config.privacy)()}))
+    plain_mse = plain.history[-1]["central_mse"]
+    ratios, epsilons = [], []
+    for _ in range(runs):
+        private = simulate(config)
+        ratios.append(private.history[-1]["central_mse"] / plain_mse)
+        epsilons.append(private.history[-1]["dp_epsilon"])
+    ordered = sorted(ratios)
+    return {
+        "scenario": "dp-engine",
+        "clients": config.data.num_clients,
+        "sampling_rate": config.rounds.fraction,
+        "rounds": config.rounds.num_rounds,
+        "dp_delta": config.privacy.delta,
+        "dp_epsilon_max": max(epsilons),
+        "statistics_noise_multiplier": config.privacy.statistics_noise_multiplier,
+        "statistics_clip_norm": config.privacy.statistics_clip_norm,
+        "central_mse_no_dp": plain_mse,
+        "mse_ratios": [round(r, 4) for r in ratios],
+        "mse_ratio_median": ordered[len(ordered) // 2],
+        "mse_ratio_max": ordered[-1],
+    }
+
+
 def secagg(work: Path, rounds: int, repeats: int) -> dict:
     """Plain and secure runs alternate (``repeats`` times each), so that a change in the
     host's speed or the Prefect server's load hits both alike; round times are medians."""
@@ -134,10 +167,15 @@ def secagg(work: Path, rounds: int, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--scenario", choices=["dp", "secagg", "all"], default="all")
+    parser.add_argument("--scenario", choices=["dp", "dp-engine", "secagg", "all"], default="all")
+    parser.add_argument("--dp-runs", type=int, default=5, help="DP runs of dp-engine")
     parser.add_argument("--rounds", type=int, default=10, help="rounds of the secagg scenario")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each secagg variant")
     args = parser.parse_args()
+    if args.scenario in ("dp-engine", "all"):
+        print(json.dumps(dp_engine(args.dp_runs)), flush=True)
+        if args.scenario == "dp-engine":
+            return
     from prefect.testing.utilities import prefect_test_harness
 
     logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)

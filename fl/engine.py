@@ -19,15 +19,16 @@ updates.
 
 from __future__ import annotations
 
+import pickle
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from fedtune.fl.client import FinalReport
 from fedtune.fl.config import FLConfig
-from fedtune.fl.data import ClientRef, duplicate_clients, registry
+from fedtune.fl.data import ClientRef, central_test_set, duplicate_clients, registry
 from fedtune.fl.evaluation import (
     EvalSums,
     central_evaluate,
@@ -39,12 +40,20 @@ from fedtune.fl.evaluation import (
 from fedtune.fl.exchange import Broadcast, Exchange, Failures, Returned
 from fedtune.fl.lifecycle import InitModel, Promotion, decide_promotion
 from fedtune.fl.params import FeatureStats, ModelParams, screen_updates
+from fedtune.fl.privacy import mechanisms
 from fedtune.fl.privacy.accounting import Accountant
 from fedtune.fl.privacy.plan import PrivacyPlan, budget_exhausted, plan_privacy, privacy_accountant
+from fedtune.fl.privacy.statistics import dp_statistics
 from fedtune.fl.rounds import EarlyStopping, clients_per_round, sample_round
 from fedtune.fl.secagg.primitives import SecAggAbort
 from fedtune.fl.statistics import combine_reports, consistent_reports
 from fedtune.fl.strategies import Strategy, make_strategy
+
+
+def wire_bytes(message: Any) -> int:
+    """The size of one message as it travels between the server and a client (pickled, as
+    Prefect serialises task parameters and results)."""
+    return len(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 class RoundFailed(RuntimeError):
@@ -92,6 +101,9 @@ class RoundRecord:
     stop: str | None = None
     """"budget" or "early": the run ends with this round."""
     checkpoint: dict[str, Any] | None = None
+    wire: dict[str, int] = field(default_factory=dict)
+    """``bytes_broadcast`` (the model and statistics, once per sampled client) and
+    ``bytes_returned`` (the updates that came back), pickled as Prefect moves them."""
 
 
 @dataclass
@@ -118,6 +130,7 @@ class Run:
         strategy: Strategy,
         plan: PrivacyPlan | None = None,
         excluded: Failures | None = None,
+        secret: np.random.Generator | None = None,
     ):
         self.config = config
         self.exchange = exchange
@@ -127,6 +140,9 @@ class Run:
         self.strategy = strategy
         self.plan = plan
         self.excluded = excluded or []
+        self.secret = secret
+        """Under DP, the secret source of the Poisson sample (and of the noise): never seeded
+        from the config, never logged or checkpointed."""
         clients_per_round(config.rounds, len(refs))  # fail now if too few clients are usable
         self.secure = config.privacy.secure_aggregation
         self.setup_seconds = 0.0
@@ -141,21 +157,39 @@ class Run:
     ) -> Run:
         """Ask every client for its feature moments, set aside the clients that cannot take
         part (with a reason each), form the feature statistics (an ``init`` model's, when
-        fine-tuning) and plan privacy. ``rng`` is the DP noise source (secret by default)."""
+        fine-tuning; DP ones under DP) and plan privacy. ``rng`` is the DP randomness (noise
+        and sampling): the OS's CSPRNG unless a test injects a generator."""
         refs = registry(config.data, config.experiment.seed)
+        # Under DP, N (the denominator, q * N) is the registered count: public, whatever the
+        # clients' data turns out to be.
+        plan = plan_privacy(config, len(refs))
+        if plan is not None and rng is None:
+            rng = mechanisms.secret_rng()
         reports, failed = exchange.statistics(refs)
         reports, mismatched = consistent_reports(reports)
         excluded = duplicate_clients(config.data) + failed + mismatched
         if not reports:
             raise RoundFailed("no client has usable data: " + "; ".join(w for _, w in excluded[:3]))
         usable = {r.client_id for r in reports}
+        registered = len(refs)
         refs = [ref for ref in refs if ref.client_id in usable]
         names, stats = combine_reports(reports)
+        if plan is not None:
+            p = config.privacy
+            # A child stream: the rounds' noise and sampling draw from ``rng`` as they would
+            # without the statistics (a resumed run, which reuses its released statistics,
+            # continues the same stream).
+            stats = dp_statistics(
+                reports,
+                registered,
+                p.statistics_clip_norm,
+                p.statistics_noise_multiplier,
+                rng.spawn(1)[0],
+            )
         if init is not None:
             stats = init[1].stats_for(stats, init[0])
-        plan = plan_privacy(config, len(refs))
         strategy = make_strategy(config, plan, rng)
-        run = cls(config, exchange, refs, names, stats, strategy, plan, excluded)
+        run = cls(config, exchange, refs, names, stats, strategy, plan, excluded, rng)
         run.setup_seconds = exchange.open(refs)
         return run
 
@@ -185,10 +219,21 @@ class Run:
             "stopper": state.stopper.to_list(),
             "accountant": None if state.accountant is None else state.accountant.to_dict(),
             "first_failure": state.first_failure,
+            # The statistics the models are standardised with, as released with every model:
+            # a resumed DP run must go on with these, not release a second noisy version.
+            "stats": self.stats.to_dict(),
         }
 
     def resume(self, checkpoint: dict[str, Any], history: list[dict[str, Any]]) -> RunState:
         """The state :meth:`checkpoint` wrote, with the rounds' ``history`` as recorded."""
+        if "stats" in checkpoint:
+            self.stats = FeatureStats.from_dict(checkpoint["stats"])
+        elif self.plan is not None:
+            # Statistics made afresh would be a second, unaccounted release of them.
+            raise RoundFailed(
+                "--resume: this DP run's checkpoint predates its released statistics; start a "
+                "new run"
+            )
         state = self.start()
         state.params = ModelParams.from_vector(np.asarray(checkpoint["params"], dtype=np.float64))
         state.strategy_state = self.strategy.load_state(checkpoint["strategy"])
@@ -213,7 +258,8 @@ class Run:
     def sample(self, round_num: int) -> list[ClientRef]:
         q = None if self.plan is None else self.plan.sampling_rate
         cfg, seed = self.config.rounds, self.config.experiment.seed
-        return [self.refs[i] for i in sample_round(cfg, seed, q, len(self.refs), round_num)]
+        picked = sample_round(cfg, seed, q, len(self.refs), round_num, self.secret)
+        return [self.refs[i] for i in picked]
 
     def round(self, state: RunState, r: int) -> RoundRecord:
         """Round ``r``: train ``w_r`` from ``state.params`` and record it in ``state``."""
@@ -232,13 +278,20 @@ class Run:
         record.failures, record.silent = failures, returned.silent
         record.failed = self._too_few(updates, failures, r)
         state.first_failure = state.first_failure or record.failed
-        if self._score_previous(state, r, updates, record):
+        if self._score_previous(state, r, updates, record, returned.evaluation):
             return record
         entry: dict[str, Any] = {"round": r}
         self._aggregate(state, updates, returned.total, entry, record.failed)
-        entry.update(self._round_metrics(state, updates, failures, started))
+        entry.update(self._round_metrics(state, updates, failures, started, returned.train_loss))
+        entry.update(record.wire)
         state.history.append(entry)
         record.metrics = entry
+        if self.plan is not None and "central_mse" in entry:
+            # Under DP the stop is decided on the server's held-out set (the clients' scores
+            # are not noised) and keeps this round's model.
+            if state.stopper.update(entry["central_mse"]):
+                state.stopped_early = True
+                record.stop = "early"
         record.checkpoint = self.checkpoint(state)
         return record
 
@@ -246,8 +299,11 @@ class Run:
         sampled = self.sample(r)
         contribution = self.strategy.contribution(state.strategy_state) if self.secure else None
         broadcast = Broadcast(state.params, self.stats, contribution)
+        record.wire["bytes_broadcast"] = wire_bytes(broadcast) * len(sampled)
         try:
-            return self.exchange.train(sampled, broadcast, r)
+            returned = self.exchange.train(sampled, broadcast, r)
+            record.wire["bytes_returned"] = sum(wire_bytes(u) for u in returned.updates)
+            return returned
         except SecAggAbort as exc:
             # Fail closed: nothing is aggregated from these clients.
             record.aborted = str(exc)
@@ -270,10 +326,19 @@ class Run:
         reasons = "; ".join(f"{cid}: {why}" for cid, why in failures[:3])
         return f"round {r}: {problem} ({reasons})" if reasons else f"round {r}: {problem}"
 
-    def _score_previous(self, state: RunState, r: int, updates: list, record: RoundRecord) -> bool:
-        """Credit the previous model with the score this round's clients gave it; True when
-        that score stops the run early (the previous model is kept)."""
-        fed = named("fed", received_evaluation(updates)) if updates else {}
+    def _score_previous(
+        self,
+        state: RunState,
+        r: int,
+        updates: list,
+        record: RoundRecord,
+        summed: EvalSums | None = None,
+    ) -> bool:
+        """Credit the previous model with the score this round's clients gave it (``summed``,
+        under secure aggregation); True when that score stops the run early (the previous model
+        is kept)."""
+        scores = received_evaluation(updates) if summed is None else summed
+        fed = named("fed", scores) if updates else {}
         if r == 1:
             state.initial = record.initial = {f"initial_{k}": v for k, v in fed.items()}
             return False
@@ -281,7 +346,7 @@ class Run:
             return False
         state.history[-1].update(fed)
         record.scored = state.history[-1]
-        if state.stopper.update(fed["fed_mse"]):
+        if self.plan is None and state.stopper.update(fed["fed_mse"]):
             state.stopped_early = True
             record.stop = "early"
             return True
@@ -311,13 +376,18 @@ class Run:
             entry["dp_clip_norm"] = self.strategy.clip_norm(state.strategy_state)
 
     def _round_metrics(
-        self, state: RunState, updates: list, failures: Failures, started: float
+        self,
+        state: RunState,
+        updates: list,
+        failures: Failures,
+        started: float,
+        loss: float | None = None,
     ) -> dict[str, Any]:
         central = central_evaluate(
             state.params, self.stats, self.config.data, self.config.experiment.seed
         )
         return {
-            "train_loss": train_loss(updates),
+            "train_loss": train_loss(updates) if loss is None else loss,
             **named("central", central),
             "clients_ok": len(updates),
             "clients_failed": len(failures),
@@ -343,15 +413,34 @@ class Run:
         personalization = (
             personalization_metrics(reports) if self.config.client.personalize_epochs else {}
         )
-        return Outcome(final, scored, personalization, self._promotion(final, reports, champion))
+        promotion = self._promotion(state.params, final, reports, champion)
+        return Outcome(final, scored, personalization, promotion)
 
     def _promotion(
-        self, final: EvalSums, reports: list[FinalReport], champion: ModelParams | None
+        self,
+        params: ModelParams,
+        final: EvalSums,
+        reports: list[FinalReport],
+        champion: ModelParams | None,
     ) -> Promotion | None:
         if not self.config.experiment.register_as:
             return None
+        margin = self.config.experiment.promote_margin
+        if self.plan is not None:
+            return self._dp_promotion(params, champion, margin)
         champion_mse = None
         if champion is not None:
             champion_mse = EvalSums.merge_all(r.champion for r in reports).metrics()["mse"]
-        margin = self.config.experiment.promote_margin
         return decide_promotion(final.metrics()["mse"], champion_mse, margin)
+
+    def _dp_promotion(
+        self, params: ModelParams, champion: ModelParams | None, margin: float
+    ) -> Promotion:
+        """Under DP both models are scored on the server's held-out set (FLConfig refuses
+        promotion under DP for sources without one), not on the clients' un-noised scores."""
+        X, y = central_test_set(self.config.data, self.config.experiment.seed)
+        mse = EvalSums.of(y, params.to_raw(self.stats).predict(X)).metrics()["mse"]
+        champion_mse = None
+        if champion is not None:
+            champion_mse = EvalSums.of(y, champion.predict(X)).metrics()["mse"]
+        return replace(decide_promotion(mse, champion_mse, margin), scored_on="central")

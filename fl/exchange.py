@@ -19,6 +19,7 @@ from fedtune.fl import client, faults
 from fedtune.fl.client import FinalReport
 from fedtune.fl.config import FLConfig
 from fedtune.fl.data import ClientDataError, ClientRef
+from fedtune.fl.evaluation import EvalSums
 from fedtune.fl.params import ClientUpdate, FeatureStats, MaskedUpdate, ModelParams
 from fedtune.fl.statistics import StatsReport
 from fedtune.fl.strategies.aggregation import Contribution
@@ -41,17 +42,24 @@ class Broadcast:
 class Returned:
     """What came back from a round's clients.
 
-    In the clear, ``updates`` holds every answer. Under secure aggregation ``total`` is the sum
-    of the survivors' contributions and ``updates`` their scalars only (counts, losses,
-    evaluation sums), never their parameters.
+    In the clear, ``updates`` holds every answer. Under secure aggregation ``updates`` holds
+    the survivors' masked updates (one per client in the sum, nothing readable), ``total`` the
+    sum of their contributions, and ``evaluation`` and ``train_loss`` what their summed scalars
+    give (:mod:`fl.secagg.scalars`): no client's count, loss or score reaches the server.
     """
 
     updates: list[ClientUpdate | MaskedUpdate] = field(default_factory=list)
     failures: Failures = field(default_factory=list)
     total: np.ndarray | None = None
     silent: Failures = field(default_factory=list)
-    """Survivors that did not answer the unmasking request: their update is in the sum (if it
-    could be unmasked), so they are reported, not left out."""
+    """Survivors that did not sign the survivor set or answer the unmasking request: their
+    update is in the sum (if it could be unmasked), so they are reported, not left out."""
+    evaluation: EvalSums | None = None
+    """Under secure aggregation: the summed evaluation sums of the model the clients received
+    (else the engine merges the updates' own)."""
+    train_loss: float | None = None
+    """Under secure aggregation: the example-weighted mean training loss, from summed losses
+    and counts (else the engine forms it from the updates)."""
 
 
 class Exchange(Protocol):

@@ -55,15 +55,18 @@ class Promotion:
     reason: str
     challenger_mse: float
     champion_mse: float | None
+    scored_on: str = "federated"
+    """Where both MSEs come from: ``"federated"`` (every client scores both models on its test
+    split) or, under DP, ``"central"`` (the server's held-out set: the clients' scores are not
+    noised, so they may not decide what is released)."""
 
     def tags(self) -> dict[str, str]:
         return {
             "fedtune.promotion": "promoted" if self.promote else "kept-champion",
             "fedtune.promotion.reason": self.reason,
-            "fedtune.challenger_fed_mse": repr(self.challenger_mse),
-            "fedtune.champion_fed_mse": ""
-            if self.champion_mse is None
-            else repr(self.champion_mse),
+            "fedtune.promotion.scored_on": self.scored_on,
+            "fedtune.challenger_mse": repr(self.challenger_mse),
+            "fedtune.champion_mse": "" if self.champion_mse is None else repr(self.champion_mse),
         }
 
 

@@ -91,6 +91,25 @@ class FeatureStats:
     def var(self) -> np.ndarray:
         return self.scale**2
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "count": int(self.count),
+            "mean": self.mean.tolist(),
+            "scale": self.scale.tolist(),
+            "target_mean": float(self.target_mean),
+            "target_scale": float(self.target_scale),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FeatureStats:
+        return cls(
+            count=int(data["count"]),
+            mean=np.asarray(data["mean"], dtype=np.float64),
+            scale=np.asarray(data["scale"], dtype=np.float64),
+            target_mean=float(data["target_mean"]),
+            target_scale=float(data["target_scale"]),
+        )
+
     def standardise(self, X: np.ndarray, y: np.ndarray | None = None):
         Xs = (X - self.mean) / self.scale
         if y is None:
@@ -139,17 +158,14 @@ class ClientUpdate:
 @dataclass(frozen=True)
 class MaskedUpdate:
     """What crosses back under secure aggregation: the client's contribution
-    (:class:`fl.strategies.aggregation.Contribution`: weighted update, weight, unclipped flag)
-    encoded and masked, so the server learns it only as part of the sum, plus the same scalars
-    as a :class:`ClientUpdate`."""
+    (:class:`fl.strategies.aggregation.Contribution`: weighted update, weight, unclipped flag),
+    example count, training loss and evaluation sums (:mod:`fl.secagg.scalars`), encoded and
+    masked as one vector, so the server learns them only as part of the sum."""
 
     client_id: str
     masked: Any
     """The masked vector (``privacy.secagg_keys = "round"``), or a
     :class:`fl.secagg.run_keys.MaskedInput` that carries it with the client's encrypted shares."""
-    num_examples: int
-    metrics: dict[str, float]
-    evaluation: EvalSums | None = None
 
 
 def screen_updates(

@@ -1,7 +1,8 @@
 """The round schedule: which clients a round samples, and when training stops early.
 
-Sampling depends only on the seed and the round, so a resumed run samples exactly as an
-uninterrupted one and the membership audit can replay it.
+Without DP, sampling depends only on the seed and the round, so a resumed run samples exactly
+as an uninterrupted one. Under DP it is secret: Poisson draws from the OS's CSPRNG, which
+nothing logs, so a reader of the run cannot tell who took part in a round.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import numpy as np
 from fedtune.fl.config import RoundsConfig
 
 _STREAM_SAMPLING = 31
-_STREAM_POISSON = 32
 
 
 def clients_per_round(cfg: RoundsConfig, num_clients: int) -> int:
@@ -38,27 +38,36 @@ def sample_clients(num_clients: int, k: int, seed: int, round_num: int) -> list[
     return sorted(int(i) for i in rng.choice(num_clients, size=k, replace=False))
 
 
-def poisson_sample(num_clients: int, sampling_rate: float, seed: int, round_num: int) -> list[int]:
-    """Indices of the clients of round ``round_num``, each included independently with
-    probability ``sampling_rate``: the sampling DP's accountant assumes.
+def poisson_sample(num_clients: int, sampling_rate: float, rng: np.random.Generator) -> list[int]:
+    """Indices of one round's clients, each included independently with probability
+    ``sampling_rate``: the sampling DP's accountant assumes.
 
-    The sample may be empty; the round must still be run (noise only), because skipping it would
-    reveal that nobody was sampled, which the accountant does not cover.
+    ``rng`` must be secret (:func:`fl.privacy.mechanisms.secret_rng`): amplification by
+    sampling holds only against someone who cannot tell who was sampled, so the sample must not
+    be replayable from anything a run logs (such as ``experiment.seed``). The sample may be
+    empty; the round must still be run (noise only), because skipping it would reveal that
+    nobody was sampled, which the accountant does not cover.
     """
     if not 0 < sampling_rate <= 1:
         raise ValueError(f"sampling_rate: must be in (0, 1] (got {sampling_rate!r})")
-    rng = np.random.default_rng(np.random.SeedSequence([seed, _STREAM_POISSON, round_num]))
     return [int(i) for i in np.flatnonzero(rng.random(num_clients) < sampling_rate)]
 
 
 def sample_round(
-    cfg: RoundsConfig, seed: int, sampling_rate: float | None, num_clients: int, round_num: int
+    cfg: RoundsConfig,
+    seed: int,
+    sampling_rate: float | None,
+    num_clients: int,
+    round_num: int,
+    secret: np.random.Generator | None = None,
 ) -> list[int]:
-    """The indices of round ``round_num``'s clients: Poisson sampling at ``sampling_rate``
-    under DP (what the accountant assumes), else :func:`clients_per_round` of them without
-    replacement. The engine samples with it, and the membership audit replays it."""
+    """The indices of round ``round_num``'s clients: under DP (``sampling_rate`` set), Poisson
+    sampling at that rate from the ``secret`` generator (what the accountant assumes); else
+    :func:`clients_per_round` of them without replacement, seeded, so a non-DP run replays."""
     if sampling_rate is not None:
-        return poisson_sample(num_clients, sampling_rate, seed, round_num)
+        if secret is None:
+            raise ValueError("DP sampling needs a secret generator")
+        return poisson_sample(num_clients, sampling_rate, secret)
     return sample_clients(num_clients, clients_per_round(cfg, num_clients), seed, round_num)
 
 

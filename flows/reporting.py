@@ -1,6 +1,7 @@
 """What a run tells people as it goes: one console line per round, MLflow (one batch per round,
-with the round's model and checkpoint, off the critical path), and at the end the final model,
-the summary and the Prefect artifacts (a markdown summary and the per-round table)."""
+with the round's model and checkpoint, as tasks the flow does not wait for; with the default
+single worker thread they still share it with the clients' tasks), and at the end the final
+model, the summary and the Prefect artifacts (a markdown summary and the per-round table)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from fedtune.fl.data import registry
 from fedtune.fl.engine import Outcome, RoundRecord, Run, RunState
 from fedtune.fl.evaluation import named
 from fedtune.fl.privacy.plan import privacy_accountant, privacy_summary
+from fedtune.fl.privacy.release import released_history, released_metrics, released_summary
 from fedtune.tasks.server import pooled_baseline
-from fedtune.tasks.tracking import end_run, log_final, log_round, tracking_uri
+from fedtune.tasks.tracking import end_run, log_final, log_round, run_url, tracking_uri
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture
 
@@ -31,12 +33,16 @@ class RunReport:
         self.pending: dict[int, dict[str, float]] = {}
         self.logs: list[PrefectFuture] = []
         self.baseline: PrefectFuture | None = None
+        self.dp = run.plan is not None
+        """Under DP only what :mod:`fl.privacy.release` allows reaches MLflow and Prefect
+        artifacts; the console still says everything (operator-side)."""
 
     def started(self, resumed: bool, init_model: str | None = None) -> None:
         """Say who is left out, what the run starts from (``init_model``: the model URI a
         fine-tune loaded) and what privacy it plans."""
         run = self.run
-        self.baseline = pooled_baseline.submit(self.config.data, self.config.experiment.seed)
+        if not self.dp:  # OLS on the pooled raw rows: never released under DP
+            self.baseline = pooled_baseline.submit(self.config.data, self.config.experiment.seed)
         for cid, why in run.excluded:
             self.logger.warning("client %s excluded from this run: %s", cid, why)
         if init_model is not None and not resumed:
@@ -69,7 +75,7 @@ class RunReport:
         self.logger.info("resuming run %s after round %d", self.run_id, len(state.history))
 
     def queue(self, step: int, metrics: dict[str, float]) -> None:
-        self.pending.setdefault(step, {}).update(metrics)
+        self.pending.setdefault(step, {}).update(released_metrics(metrics, self.dp))
 
     def send(self, step: int, state: RunState | None = None, checkpoint=None) -> None:
         """Send what is queued (with ``state``'s model and ``checkpoint``: one batch)."""
@@ -154,7 +160,7 @@ class RunReport:
                 "none" if champion is None else f"{champion:.6g}",
                 "promote" if promotion.promote else "keep the champion",
             )
-        baseline_mse = self.baseline.result()
+        baseline_mse = None if self.baseline is None else self.baseline.result()
         if baseline_mse is not None:
             self.queue(0, {"baseline_mse": baseline_mse})
         self.send(0)
@@ -174,12 +180,14 @@ class RunReport:
             "init_model": init_model,
             "promotion": None if promotion is None else promotion.tags(),
         }
+        released = released_summary(summary, self.dp)
+        table = released_history(history, self.dp)
         model_uri, version = log_final(
-            self.config, self.run_id, state.params, run.stats, run.names, history, baseline_mse,
-            summary, promotion,
+            self.config, self.run_id, state.params, run.stats, run.names, table, baseline_mse,
+            released, promotion,
         )  # fmt: skip
         end_run(self.config, self.run_id)
-        publish_summary(self.config, self.run_id, summary, history, model_uri, version)
+        publish_summary(self.config, self.run_id, released, table, model_uri, version)
         return {**summary, "model_uri": model_uri, "registered_version": version}
 
 
@@ -204,12 +212,13 @@ def announce_setup(config: FLConfig, logger: logging.Logger | Any) -> None:
 
 
 def planned_privacy(config: FLConfig, run: Run) -> str:
-    """``DP-FedAvg z=1.1, q=0.1, δ=1e-05, target ε=1 over 20 rounds (planned)``."""
+    """``DP-FedAvg z=1.1, q=0.1, δ=1e-05, statistics z_s=20, target ε=1 over 20 rounds
+    (planned)``: ε includes the feature statistics' share."""
     plan, p, rounds = run.plan, config.privacy, config.rounds.num_rounds
     calibrated = " (calibrated)" if p.noise_multiplier is None else ""
     head = (
         f"DP-FedAvg z={plan.noise_multiplier:.3g}{calibrated}, q={plan.sampling_rate:.3g}, "
-        f"δ={plan.delta:g}"
+        f"δ={plan.delta:g}, statistics z_s={plan.statistics_noise:g}"
     )
     if p.noise_multiplier is None:
         return f"{head}, target ε={p.target_epsilon:g} over {rounds} rounds (planned)"
@@ -267,9 +276,10 @@ def _model_version(config: FLConfig, model_uri: str) -> str | None:
 
 def _run_link(config: FLConfig, run_id: str) -> str:
     uri = tracking_uri(config)
+    url = run_url(uri, run_id)
     if uri.startswith(("http://", "https://")):
-        return f"[MLflow run {run_id}]({uri.rstrip('/')}/#/runs/{run_id})"
-    return f"MLflow run `{run_id}` (`mlflow ui --backend-store-uri {uri}`)"
+        return f"[MLflow run {run_id}]({url})"
+    return f"MLflow run `{run_id}` (`mlflow ui --backend-store-uri {uri}`, then {url})"
 
 
 def publish_summary(
@@ -289,8 +299,9 @@ def publish_summary(
         + (f", registered as `{config.experiment.register_as}` v{version}" if version else ""),
         f"- rounds: {summary['rounds_completed']}"
         + (" (stopped early)" if summary["stopped_early"] else ""),
-        f"- federated eval MSE: {final.get('fed_mse', float('nan')):.6g}",
     ]
+    if "fed_mse" in final:
+        lines.append(f"- federated eval MSE: {final['fed_mse']:.6g}")
     if "central_mse" in final:
         lines.append(f"- central eval MSE: {final['central_mse']:.6g}")
     if summary.get("baseline_mse") is not None:
@@ -301,8 +312,8 @@ def publish_summary(
         p = summary["promotion"]
         lines.append(
             f"- promotion: **{p['fedtune.promotion']}** ({p['fedtune.promotion.reason']}); "
-            f"challenger {p['fedtune.challenger_fed_mse']}, "
-            f"champion {p['fedtune.champion_fed_mse'] or 'none'}"
+            f"challenger {p['fedtune.challenger_mse']} ({p['fedtune.promotion.scored_on']} MSE), "
+            f"champion {p['fedtune.champion_mse'] or 'none'}"
         )
     create_markdown_artifact("\n".join(lines), key="fedtune-summary", description="Run summary")
     create_table_artifact(

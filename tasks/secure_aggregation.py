@@ -4,20 +4,23 @@
 A client's secrets live in this module's key store, in the process its tasks run in; they never
 appear in task parameters or results. (With Prefect's thread runner every simulated client
 shares this process; a task runner that moves a client's steps between processes turns it into a
-dropout, which the protocol tolerates up to its threshold.)
+dropout, which the protocol tolerates up to its threshold.) The store also holds each run's
+directory of identity keys and public parameters (:func:`enroll`): the clients' side of the PKI
+assumption of :mod:`fl.secagg.identity`, which the flow's server code never writes to.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fedtune.fl.config import ClientConfig, FaultsConfig
+from fedtune.fl.config import ClientConfig, FaultsConfig, FLConfig
 from fedtune.fl.data import ClientRef
 from fedtune.fl.exchange import Broadcast
 from fedtune.fl.params import MaskedUpdate
 from fedtune.fl.secagg import parties
 from fedtune.fl.secagg.bonawitz import AdvertisedKeys, EncryptedShare, UnmaskingResponse
-from fedtune.fl.secagg.primitives import FixedPoint
+from fedtune.fl.secagg.identity import PublicParameters
+from fedtune.fl.secagg.primitives import Segments
 from fedtune.fl.secagg.run_keys import PublicKey, Quorum, Unmasking
 from fedtune.tasks import TASK_OPTIONS
 from fedtune.tasks.client import settles_expected_failures
@@ -25,15 +28,20 @@ from prefect import Task, task
 from prefect.runtime import task_run
 
 KEYS = parties.KeyStore()
-"""The secrets of the clients whose tasks run in this process."""
+"""The secrets of the clients whose tasks run in this process, and the runs' directories."""
 
 
-# -- keys once per run (fl.secagg.run_keys) ----------------------------------------------------
+def enroll(session: str, config: FLConfig) -> None:
+    """Open run ``session`` on the clients' side, with the configuration's public parameters."""
+    KEYS.enroll(session, PublicParameters.of(config))
 
 
 @task(name="secagg-setup", task_run_name="secagg-setup-{ref.client_id}", **TASK_OPTIONS)
-def make_run_keys(ref: ClientRef, session: str) -> PublicKey:
-    return parties.make_run_keys(KEYS, ref, session)
+def make_keys(ref: ClientRef, session: str, run_keys: bool) -> PublicKey | None:
+    return parties.make_keys(KEYS, ref, session, run_keys)
+
+
+# -- keys once per run (fl.secagg.run_keys) ----------------------------------------------------
 
 
 @task(
@@ -47,7 +55,7 @@ def train_run_masked(
     session: str,
     roster: list[PublicKey],
     quorum: Quorum,
-    codec: FixedPoint,
+    codec: Segments,
     broadcast: Broadcast,
     cfg: ClientConfig,
     round_num: int,
@@ -60,6 +68,15 @@ def train_run_masked(
 
 
 @task(
+    name="secagg-consistency",
+    task_run_name="secagg-consistency-r{round_num:02d}-{ref.client_id}",
+    **TASK_OPTIONS,
+)
+def run_consistency(ref: ClientRef, session: str, survivors: list[int], round_num: int) -> bytes:
+    return parties.run_consistency(KEYS, ref, session, survivors, round_num)
+
+
+@task(
     name="secagg-unmask",
     task_run_name="secagg-unmask-r{round_num:02d}-{ref.client_id}",
     **TASK_OPTIONS,
@@ -69,10 +86,10 @@ def run_unmasking(
     inbox: dict[int, bytes],
     session: str,
     survivors: list[int],
-    dropped: list[int],
+    signatures: dict[int, bytes],
     round_num: int,
 ) -> Unmasking:
-    return parties.run_unmasking(KEYS, ref, inbox, session, survivors, dropped, round_num)
+    return parties.run_unmasking(KEYS, ref, inbox, session, survivors, signatures, round_num)
 
 
 # -- fresh keys every round (fl.secagg.bonawitz) ------------------------------------------------
@@ -82,9 +99,14 @@ def run_unmasking(
     name="secagg-keys", task_run_name="secagg-keys-r{round_num:02d}-{ref.client_id}", **TASK_OPTIONS
 )
 def advertise_keys(
-    ref: ClientRef, session: str, threshold: int, codec: FixedPoint, round_num: int
+    ref: ClientRef,
+    session: str,
+    run_session: str,
+    threshold: int,
+    codec: Segments,
+    round_num: int,
 ) -> AdvertisedKeys:
-    return parties.advertise_keys(KEYS, ref, session, threshold, codec, round_num)
+    return parties.advertise_keys(KEYS, ref, session, run_session, threshold, codec, round_num)
 
 
 @task(
@@ -121,6 +143,22 @@ def train_masked(
 
 
 @task(
+    name="secagg-consistency",
+    task_run_name="secagg-consistency-r{round_num:02d}-{ref.client_id}",
+    **TASK_OPTIONS,
+)
+def consistency_check(
+    ref: ClientRef,
+    inbox: list[EncryptedShare],
+    session: str,
+    roster: list[AdvertisedKeys],
+    survivors: list[int],
+    round_num: int,
+) -> bytes:
+    return parties.consistency_check(KEYS, ref, inbox, session, roster, survivors, round_num)
+
+
+@task(
     name="secagg-unmask",
     task_run_name="secagg-unmask-r{round_num:02d}-{ref.client_id}",
     **TASK_OPTIONS,
@@ -131,18 +169,23 @@ def unmasking_shares(
     session: str,
     roster: list[AdvertisedKeys],
     survivors: list[int],
+    signatures: dict[int, bytes],
     round_num: int,
 ) -> UnmaskingResponse:
-    return parties.unmasking_shares(KEYS, ref, inbox, session, roster, survivors, round_num)
+    return parties.unmasking_shares(
+        KEYS, ref, inbox, session, roster, survivors, signatures, round_num
+    )
 
 
 STEPS: dict[str, Task[..., Any]] = {
-    "run-setup": make_run_keys,
+    "setup": make_keys,
     "run-train": train_run_masked,
+    "run-consistency": run_consistency,
     "run-unmask": run_unmasking,
     "round-keys": advertise_keys,
     "round-shares": share_keys,
     "round-train": train_masked,
+    "round-consistency": consistency_check,
     "round-unmask": unmasking_shares,
 }
 """The task of every client step of :data:`fl.secagg.parties.STEPS`."""

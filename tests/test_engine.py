@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 import shutil
 import time
 from collections import Counter
@@ -56,13 +57,21 @@ DP = [
 DP_Q, DP_Z, DP_DELTA = 0.25, 1.1, 1e-4
 
 
+DP_ZS = 20.0  # privacy.statistics_noise_multiplier's default
+
+
 @functools.lru_cache
-def independent_epsilon(q: float, z: float, rounds: int, delta: float) -> float:
-    """epsilon of `rounds` Poisson-sampled Gaussian rounds, straight from dp_accounting: the
-    smaller of the RDP and the PLD (grid 1e-3) bounds."""
+def independent_epsilon(
+    q: float, z: float, rounds: int, delta: float, zs: float | None = DP_ZS
+) -> float:
+    """epsilon of the DP feature statistics (one Gaussian mechanism with multiplier `zs`, over
+    every client) and then `rounds` Poisson-sampled Gaussian rounds, straight from
+    dp_accounting: the smaller of the RDP and the PLD (grid 1e-3) bounds."""
     event = dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), rounds
     )
+    if zs is not None:
+        event = dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(zs), event])
     rdp = dp_accounting.rdp.RdpAccountant().compose(event).get_epsilon(delta)
     pld = (
         dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
@@ -642,3 +651,137 @@ def test_an_unknown_strategy_is_refused_by_config():
 
 
 # Robust strategies' refusal under secure aggregation and DP: tests/test_strategies_robust.py.
+
+
+# -- 7b. what a DP run releases: statistics, sampling, decisions ---------------------------------
+
+
+def test_dp_statistics_are_per_client_averages_of_clipped_vectors():
+    from fedtune.fl.privacy.statistics import dp_statistics
+    from fedtune.fl.statistics import Moments, StatsReport
+
+    def report(cid, x, y):
+        rows = [(np.asarray(x, float)[:, None], np.asarray(y, float))]
+        return StatsReport(cid, ["x0"], Moments.of(rows))
+
+    # By hand: client a has x = [1, 3] (mean 2, std 1), y = [0, 0] (mean 0, std 0); client b
+    # has x = [10, 10, 10, 14] (mean 11, std sqrt(3)), y = [2, 2, 4, 4] (mean 3, std 1).
+    a, b = report("a", [1, 3], [0, 0]), report("b", [10, 10, 10, 14], [2, 2, 4, 4])
+    zero_noise = np.random.default_rng(0)
+    stats = dp_statistics([a, b], 3, 1e6, 1e-12, zero_noise)  # 3 registered, one silent
+    assert stats.count == 3  # the public number of clients, not the 6 rows
+    assert stats.mean == pytest.approx([(2 + 11) / 3], abs=1e-6)
+    assert stats.scale == pytest.approx([(1 + 3**0.5) / 3], abs=1e-6)
+    assert (stats.target_mean, stats.target_scale) == pytest.approx((1.0, 1 / 3), abs=1e-6)
+    # Clipped to C = 1: client b's vector [11, 3, sqrt(3), 1] is scaled by 1 / its norm.
+    clipped = dp_statistics([b], 1, 1.0, 1e-12, zero_noise)
+    norm = math.sqrt(121 + 9 + 3 + 1)
+    assert clipped.mean == pytest.approx([11 / norm], abs=1e-9)
+    assert clipped.target_scale == pytest.approx(1 / norm, abs=1e-9)
+
+
+def test_dp_statistics_noise_has_the_planned_scale_and_no_scale_goes_below_it():
+    from fedtune.fl.privacy.statistics import dp_statistics
+    from fedtune.fl.statistics import Moments, StatsReport
+
+    rows = [(np.array([[1.0], [3.0]]), np.array([0.0, 2.0]))]
+    reports = [StatsReport(f"c{i}", ["x0"], Moments.of(rows)) for i in range(10)]
+    rng = np.random.default_rng(5)
+    means = [dp_statistics(reports, 10, 4.0, 2.0, rng).mean[0] for _ in range(4000)]
+    # Each coordinate: (10 * 2 + N(0, (2 * 4)^2)) / 10, i.e. mean 2, standard deviation 0.8.
+    assert np.mean(means) == pytest.approx(2.0, abs=4 * 0.8 / math.sqrt(4000))
+    assert np.std(means) == pytest.approx(0.8, rel=0.05)
+    scales = [dp_statistics(reports, 1000, 4.0, 2.0, rng).scale[0] for _ in range(200)]
+    assert min(scales) >= 2.0 * 4.0 / 1000  # never below the noise's own stddev, never 0
+
+
+def test_a_dp_run_releases_neither_exact_moments_nor_row_counts_and_never_replays():
+    config = load_config(None, [*DP, "rounds.num_rounds=1"])
+    refs = registry(config.data, config.experiment.seed)
+    exact_names, exact = combine_reports(
+        in_process_exchange(config).statistics(refs)[0]
+    )  # what a non-DP run would release
+    first = Run.setup(config, in_process_exchange(config))
+    second = Run.setup(config, in_process_exchange(config))  # same config, same seed
+    assert first.stats.count == second.stats.count == len(refs) == 80  # not the rows
+    assert exact.count == 80 * 80  # 80 training rows a client (20% held out for testing)
+    assert not np.allclose(first.stats.mean, exact.mean, rtol=0, atol=1e-9)
+    assert not np.allclose(first.stats.mean, second.stats.mean, rtol=0, atol=1e-9)
+    assert first.stats.target_mean != exact.target_mean
+    # Secret sampling: whoever replays experiment.seed cannot tell who took part.
+    samples = [[ref.client_id for ref in run.sample(1)] for run in (first, second)]
+    assert samples[0] != samples[1]
+
+
+def test_dp_early_stopping_decides_on_the_servers_held_out_set():
+    config = load_config(
+        None, [*DP, "rounds.num_rounds=12", "rounds.patience=1", "rounds.tolerance=0.2"]
+    )
+    _, state, records = play(config, rng=np.random.default_rng(4))
+    assert records[-1].stop == "early" and state.stopped_early
+    central = [h["central_mse"] for h in state.history]
+    # patience 1, tolerance 20%: every earlier round beat the best before it by 20%, the last
+    # did not (by central_mse; the un-noised fed_mse plays no part).
+    best = central[0]
+    for value in central[1:-1]:
+        assert value < 0.8 * best
+        best = value
+    assert central[-1] >= 0.8 * best
+
+
+def test_dp_refuses_decisions_it_has_no_public_data_for(tmp_path):
+    directory = write_client_files(tmp_path / "c", [30, 30])
+    base = ["data.source=files", f"data.path={directory}", "privacy.noise_multiplier=1.0"]
+    for key, value in (("rounds.patience", "2"), ("experiment.register_as", "demand")):
+        with pytest.raises(ConfigError, match=rf"^{key}: under DP it needs a test set"):
+            load_config(None, [*base, f"{key}={value}"])
+    load_config(None, [*base[:2], f"{key}={value}"])  # without DP it is fine
+
+
+def test_the_release_policy_keeps_only_dp_quantities():
+    from fedtune.fl.privacy.release import released_metrics, released_summary
+
+    entry = {
+        "round": 3,
+        "dp_epsilon": 0.4,
+        "central_mse": 1.2,
+        "fed_mse": 1.1,
+        "train_loss": 0.9,
+        "clients_ok": 27,
+        "failed_clients": "site-3: bad row",
+        "initial_fed_mse": 2.0,
+        "round_seconds": 0.3,
+        "personalized/site-3/mse_after": 0.5,
+    }
+    assert released_metrics(entry, dp=True) == {"round": 3, "dp_epsilon": 0.4, "central_mse": 1.2}
+    assert released_metrics(entry, dp=False) == entry
+    summary = {"baseline_mse": 0.9, "excluded_clients": {}, "final_metrics": entry, "coef": [1]}
+    out = released_summary(summary, dp=True)
+    assert out["baseline_mse"] is None and "site-3" not in json.dumps(out)
+    assert (
+        out["excluded_clients"] == released_summary({**summary, "x": 1}, True)["excluded_clients"]
+    )  # the same whether or not anyone was excluded
+
+
+def test_bytes_on_the_wire_grow_with_clients_and_features():
+    def last(*overrides):
+        result = simulate(load_config(SEED, ["rounds.num_rounds=1", *overrides]))
+        return result.history[-1]["bytes_broadcast"], result.history[-1]["bytes_returned"]
+
+    five, ten = last("rounds.clients_per_round=5"), last("rounds.clients_per_round=10")
+    assert ten == (2 * five[0], 2 * five[1])  # one broadcast and one update per client
+    wide = last("rounds.clients_per_round=5", "data.num_features=9")
+    narrow = last("rounds.clients_per_round=5", "data.num_features=1")
+    # 8 more float64 features: the broadcast carries the coefficients and the statistics'
+    # means and scales (3 x 8 x 8 bytes a client at least), an update its coefficients.
+    assert wide[0] - narrow[0] >= 5 * 3 * 64 and wide[1] - narrow[1] >= 5 * 64
+
+
+def test_dp_with_secure_aggregation_refuses_rounds_that_would_often_abort():
+    # 10 clients at q = 0.2: a round samples fewer than the 2 clients secure aggregation needs
+    # with probability P[Bin(9, 0.2) <= 1] = 0.8^9 + 9 * 0.2 * 0.8^8 = 0.436 (by hand); one
+    # client then decides between an aborted and a summed round, which ε does not count.
+    base = ["privacy.noise_multiplier=1.0", "privacy.secure_aggregation=true", *SECURE[1:]]
+    with pytest.raises(ValueError, match=r"^privacy.secure_aggregation: with DP, a round"):
+        plan_privacy(load_config(None, [*base, "rounds.fraction=0.2"]), 10)
+    assert plan_privacy(load_config(None, [*base, "rounds.fraction=0.5"]), 80) is not None

@@ -57,8 +57,8 @@ def test_champion_challenger_lifecycle(prefect_api, mlflow_uri):
     improved = second.history[-1]["fed_mse"] < champion_mse
     assert second.promoted is improved
     tags = client.get_run(second.run_id).data.tags
-    assert float(tags["fedtune.champion_fed_mse"]) == pytest.approx(champion_mse, rel=1e-9)
-    assert float(tags["fedtune.challenger_fed_mse"]) == pytest.approx(
+    assert float(tags["fedtune.champion_mse"]) == pytest.approx(champion_mse, rel=1e-9)
+    assert float(tags["fedtune.challenger_mse"]) == pytest.approx(
         second.history[-1]["fed_mse"], rel=1e-12
     )
     now = str(client.get_model_version_by_alias(NAME, "champion").version)

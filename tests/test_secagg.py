@@ -1,17 +1,29 @@
-"""Secure aggregation (fl.secagg): correctness, masking, dropouts, failing closed."""
+"""Secure aggregation (fl.secagg): correctness, masking, dropouts, failing closed, signed keys and
+the consistency check of the per-round protocol, the directory, and the scalars that ride inside
+the masked vector. Attacks by an active server: tests/test_secagg_attacks.py."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from fedtune.fl.config import ConfigError, load_config
-from fedtune.fl.params import ClientUpdate, ModelParams
+from fedtune.fl.evaluation import EvalSums
+from fedtune.fl.params import ClientUpdate, FeatureStats, ModelParams
 from fedtune.fl.privacy.dp_fedavg import DPFedAvg
+from fedtune.fl.secagg import scalars
 from fedtune.fl.secagg.bonawitz import SecAggClient, SecAggServer, secure_sum
+from fedtune.fl.secagg.identity import (
+    Directory,
+    Identity,
+    Membership,
+    PublicParameters,
+    survivor_statement,
+)
 from fedtune.fl.secagg.primitives import (
     SHAMIR_PRIME,
     FixedPoint,
     SecAggAbort,
+    Segments,
     prg,
     shamir_reconstruct,
     shamir_split,
@@ -23,6 +35,32 @@ from scipy import stats
 def _seeds(ids, seed=0) -> dict[int, bytes]:
     rng = np.random.default_rng(seed)
     return {u: rng.bytes(32) for u in ids}
+
+
+def members(
+    ids, parameters: PublicParameters, seed: int = 0, directory: Directory | None = None
+) -> dict[int, Membership]:
+    """A directory holding a fresh identity for every client id, and each client's view of it."""
+    directory = directory if directory is not None else Directory()
+    out = {}
+    for u, s in _seeds(ids, seed + 1000).items():
+        identity = Identity(u, s)
+        directory.publish(u, identity.public)
+        out[u] = Membership(identity, directory, parameters)
+    return out
+
+
+def _clients(n: int, threshold: int, codec, seed: int, round_num: int = 1):
+    """Per-round protocol clients whose published threshold is ``threshold`` of ``n``."""
+    group = members(range(n), PublicParameters((threshold - 0.5) / n), seed)
+    return {
+        u: SecAggClient(group[u], "session", round_num, threshold, codec, s)
+        for u, s in _seeds(range(n), seed).items()
+    }
+
+
+def _signatures(clients, roster, inboxes, survivors) -> dict[int, bytes]:
+    return {u: clients[u].consistency_check(roster, inboxes[u], survivors) for u in survivors}
 
 
 UNIFORM_P = 1e-6
@@ -110,7 +148,7 @@ def test_masked_vectors_look_uniform_and_reveal_nothing_alone():
     codec = FixedPoint(bound=1.0)
     rng = np.random.default_rng(3)
     vectors = {u: rng.uniform(0, 0.01, dim) for u in range(n)}  # far from uniform in Z_2^64
-    clients = {u: SecAggClient(u, 5, codec, s) for u, s in _seeds(range(n), 3).items()}
+    clients = _clients(n, 5, codec, 3)
     server = SecAggServer(5, codec, dim)
     roster = server.collect_keys([c.advertise_keys() for c in clients.values()])
     inboxes = server.route_shares([c.share_keys(roster) for c in clients.values()])
@@ -122,7 +160,10 @@ def test_masked_vectors_look_uniform_and_reveal_nothing_alone():
     # Even the server's running sum is masked until the unmasking round.
     survivors = server.collect_masked_inputs(masked)
     assert _top_byte_p_value(sum(masked.values())) > UNIFORM_P
-    responses = [clients[u].unmasking_shares(roster, inboxes[u], survivors) for u in survivors]
+    signatures = server.collect_signatures(_signatures(clients, roster, inboxes, survivors))
+    responses = [
+        clients[u].unmasking_shares(roster, inboxes[u], survivors, signatures) for u in survivors
+    ]
     exact = np.sum(list(vectors.values()), axis=0)
     assert np.max(np.abs(server.unmask(responses) - exact)) <= n * codec.resolution / 2 + 1e-12
     # What the server legitimately learns, the self-mask seeds, still leaves each input hidden
@@ -160,7 +201,7 @@ def test_thirty_percent_dropouts_recover_the_survivors_sum():
     [
         ({"drop_before_sharing": [0, 1, 2, 3, 4]}, "share keys"),
         ({"drop_before_masking": [0, 1, 2, 3, 4]}, "masked input"),
-        ({"drop_before_masking": [0, 1], "drop_before_unmasking": [2, 3, 4]}, "unmasking"),
+        ({"drop_before_masking": [0, 1], "drop_before_unmasking": [2, 3, 4]}, "consistency check"),
     ],
 )
 def test_below_threshold_fails_closed(drops, step):
@@ -171,37 +212,39 @@ def test_below_threshold_fails_closed(drops, step):
 
 def test_client_never_reveals_both_shares_and_checks_the_survivor_list():
     n, codec = 6, FixedPoint(1.0)
-    clients = {u: SecAggClient(u, 4, codec, s) for u, s in _seeds(range(n), 5).items()}
+    clients = _clients(n, 4, codec, 5)
     server = SecAggServer(4, codec, 2)
     roster = server.collect_keys([c.advertise_keys() for c in clients.values()])
     inboxes = server.route_shares([c.share_keys(roster) for u, c in clients.items() if u != 5])
     survivors = [0, 1, 2, 3]  # 4 dropped before masking, 5 before sharing
-    response = clients[0].unmasking_shares(roster, inboxes[0], survivors)
+    signatures = _signatures(clients, roster, inboxes, survivors)
+    response = clients[0].unmasking_shares(roster, inboxes[0], survivors, signatures)
     assert set(response.self_mask_shares) == {0, 1, 2, 3}
     assert set(response.mask_key_shares) == {4}  # 5 never shared keys: no masks to remove
     assert not set(response.self_mask_shares) & set(response.mask_key_shares)
     with pytest.raises(SecAggAbort, match="never shared keys"):
-        clients[0].unmasking_shares(roster, inboxes[0], [0, 1, 2, 5])
+        clients[1].unmasking_shares(roster, inboxes[1], [0, 1, 2, 5], signatures)
     with pytest.raises(SecAggAbort, match="fewer than the threshold"):
-        clients[0].unmasking_shares(roster, inboxes[0], [0, 1, 2])
+        clients[1].unmasking_shares(roster, inboxes[1], [0, 1, 2], signatures)
 
 
 def test_tampered_share_is_detected():
     n, codec = 5, FixedPoint(1.0)
-    clients = {u: SecAggClient(u, 3, codec, s) for u, s in _seeds(range(n), 6).items()}
+    clients = _clients(n, 3, codec, 6)
     server = SecAggServer(3, codec, 1)
     roster = server.collect_keys([c.advertise_keys() for c in clients.values()])
     inboxes = server.route_shares([c.share_keys(roster) for c in clients.values()])
+    signatures = _signatures(clients, roster, inboxes, list(range(n)))
     share = inboxes[0][0]
     forged = type(share)(
         share.sender, share.recipient, bytes([share.ciphertext[0] ^ 1]) + share.ciphertext[1:]
     )
     with pytest.raises(SecAggAbort, match="failed authentication"):
-        clients[0].unmasking_shares(roster, [forged, *inboxes[0][1:]], list(range(n)))
+        clients[0].unmasking_shares(roster, [forged, *inboxes[0][1:]], list(range(n)), signatures)
 
 
 def test_server_refuses_a_sum_that_could_overflow():
-    keys = [SecAggClient(u, 2, FixedPoint(1.0)).advertise_keys() for u in range(3)]
+    keys = [c.advertise_keys() for c in _clients(3, 2, FixedPoint(1.0), 0).values()]
     server = SecAggServer(2, FixedPoint(bound=2.0**40, frac_bits=22), 1)  # 3 * 2^62 >= 2^63
     with pytest.raises(ValueError, match="overflow"):
         server.collect_keys(keys)
@@ -245,3 +288,129 @@ def test_a_secure_sum_of_contributions_aggregates_as_the_plain_sum(weighted):
         by_hand = (n[:, None] * [u.params.to_vector() for u in updates]).sum(0) / n.sum()
         np.testing.assert_allclose(via_secagg.to_vector(), by_hand, rtol=0, atol=1e-12 + atol)
     np.testing.assert_allclose(via_secagg.to_vector(), plain.to_vector(), rtol=0, atol=atol)
+
+
+# --- the directory, signatures and the consistency check of the per-round protocol ------------
+
+
+def test_the_directory_holds_one_key_per_client_and_verifies_only_exact_triples():
+    directory = Directory()
+    alice, mallory = Identity(1, bytes(32)), Identity(1, bytes([1]) * 32)
+    directory.publish(1, alice.public)
+    directory.publish(1, alice.public)  # publishing the same key again is harmless
+    with pytest.raises(SecAggAbort, match="directory: client 1 already published a different"):
+        directory.publish(1, mallory.public)
+    signature = alice.sign(b"message")
+    assert directory.verify(1, signature, b"message")
+    assert directory.verify(1, signature, b"message")  # remembered: still exactly this triple
+    assert not directory.verify(1, signature, b"messagE")
+    assert not directory.verify(1, mallory.sign(b"message"), b"message")
+    assert not directory.verify(2, signature, b"message")  # nobody published id 2
+    assert not Directory(memoize=False).verify(1, signature, b"message")
+
+
+def test_endorsements_count_distinct_members_with_valid_signatures_only():
+    group = members(range(5), PublicParameters(0.6))
+    directory = group[0].directory
+    statement = survivor_statement("s", 3, range(5), [0, 1, 2, 3])
+    signatures = {v: group[v].identity.sign(statement) for v in range(5)}
+    # 4 is no member of the set; 3's signature is on another round's statement.
+    signatures[3] = group[3].identity.sign(survivor_statement("s", 4, range(5), [0, 1, 2, 3]))
+    with pytest.raises(SecAggAbort, match="only 3 member.s. of the survivor set of round 3"):
+        directory.require_endorsements(0, 3, statement, signatures, [0, 1, 2, 3], 4)
+    directory.require_endorsements(0, 3, statement, signatures, [0, 1, 2, 3], 3)
+    assert group[0].identity.endorse(3, statement) == signatures[0]  # a retry: same answer
+    with pytest.raises(SecAggAbort, match="already answered for another survivor set in round 3"):
+        group[0].identity.endorse(3, survivor_statement("s", 3, range(5), [0, 1, 2]))
+
+
+def test_per_round_clients_sign_one_survivor_set_and_unmask_only_with_t_signatures():
+    n, codec = 6, FixedPoint(1.0)
+    clients = _clients(n, 4, codec, 8)
+    server = SecAggServer(4, codec, 2)
+    roster = server.collect_keys([c.advertise_keys() for c in clients.values()])
+    inboxes = server.route_shares([c.share_keys(roster) for c in clients.values()])
+    masked = {u: c.masked_input(np.zeros(2), roster, inboxes[u]) for u, c in clients.items()}
+    survivors = server.collect_masked_inputs(masked)
+    signatures = {u: clients[u].consistency_check(roster, inboxes[u], survivors) for u in (0, 1, 2)}
+    with pytest.raises(SecAggAbort, match="already answered for another survivor set in round 1"):
+        clients[0].consistency_check(roster, inboxes[0], [0, 1, 2, 3, 4])
+    with pytest.raises(SecAggAbort, match="only 3 member.s. of the survivor set of round 1"):
+        clients[1].unmasking_shares(roster, inboxes[1], survivors, signatures)
+    signatures[3] = clients[3].consistency_check(roster, inboxes[3], survivors)
+    response = clients[1].unmasking_shares(roster, inboxes[1], survivors, signatures)
+    assert set(response.self_mask_shares) == set(survivors)
+    # A second key session for the same round (to sum the same inputs twice) is refused.
+    with pytest.raises(SecAggAbort, match="already answered for another key session in round 1"):
+        SecAggClient(clients[0].member, "another session", 1, 4, codec)
+
+
+# --- what rides inside the masked vector ------------------------------------------------------
+
+
+def test_segments_encode_each_part_within_its_own_bound():
+    codec = Segments(((2, FixedPoint(1.0)), (1, FixedPoint(2.0**30, frac_bits=8))))
+    x = np.array([0.5, -0.25, 1e9 + 0.5])
+    np.testing.assert_array_equal(codec.decode(codec.encode(x)), x)  # all exact in binary
+    total = codec.encode(x) + codec.encode(x) + codec.encode(-x / 2)
+    np.testing.assert_array_equal(codec.decode(total), 1.5 * x)
+    with pytest.raises(ValueError, match=r"outside the secure-aggregation bound \[-1.0, 1.0\]"):
+        codec.encode(np.array([1.5, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="expected 3 values"):
+        codec.encode(np.zeros(2))
+    with pytest.raises(ValueError, match="overflow"):  # 2^30 * 2^8 * 2^25 = 2^63
+        codec.check_capacity(2**25)
+
+
+def _stats(target_mean: float, target_scale: float) -> FeatureStats:
+    return FeatureStats(10, np.zeros(1), np.ones(1), target_mean, target_scale)
+
+
+def test_counts_losses_and_scores_sum_masked_to_the_pooled_ones():
+    rng = np.random.default_rng(11)
+    stats = _stats(1000.0, 25.0)  # labels far from zero: the centring matters
+    ys = [1000 + 25 * rng.standard_normal(k) for k in (7, 30, 12)]
+    preds = [y + 10 * rng.standard_normal(y.size) for y in ys]
+    updates = [
+        ClientUpdate(
+            str(i), ModelParams.zeros(1), 20 + i, {"train_loss": 3.0 + i}, EvalSums.of(y, p)
+        )
+        for i, (y, p) in enumerate(zip(ys, preds, strict=True))
+    ]
+    updates.append(ClientUpdate("3", ModelParams.zeros(1), 5, {"train_loss": 2.0}))  # no test
+    codec = scalars.codec(len(updates))
+    vectors = {i: scalars.vector(u, stats, codec.bound) for i, u in enumerate(updates)}
+    total = secure_sum(vectors, threshold=3, codec=codec, seeds=_seeds(range(4), 11)).total
+    sums = scalars.RoundScalars.from_sum(total, stats)
+    # By hand: the pooled rows' sums, and sum(loss_i * n_i) / sum(n_i). Each of the 4 clients'
+    # values is rounded to within 2^-25 in units of s (s^2 for squares), and sum(y^2) also
+    # carries 2m times sum(y)'s error; counts are exact.
+    q, s, m = 4 * 2.0**-25, 25.0, 1000.0
+    y, p = np.concatenate(ys), np.concatenate(preds)
+    assert sums.num_examples == 20 + 21 + 22 + 5 and sums.evaluation.n == y.size
+    loss = (3 * 20 + 4 * 21 + 5 * 22 + 2 * 5) / 68
+    assert sums.train_loss == pytest.approx(loss, abs=q * s**2 / 68)
+    pooled = {
+        "sse": (float(np.sum((p - y) ** 2)), q * s**2),
+        "sae": (float(np.sum(np.abs(p - y))), q * s),
+        "sum_y": (float(y.sum()), q * s),
+        "sum_y2": (float(y @ y), q * s**2 + 2 * m * q * s),
+    }
+    for name, (value, error) in pooled.items():
+        assert getattr(sums.evaluation, name) == pytest.approx(value, abs=error + 1e-9), name
+    sst = float(np.sum((y - y.mean()) ** 2))
+    assert sums.evaluation.metrics()["r2"] == pytest.approx(1 - pooled["sse"][0] / sst, abs=1e-6)
+
+
+def test_a_diverged_clients_scalars_saturate_and_a_nan_drops_it():
+    stats, codec = _stats(0.0, 2.0), scalars.codec(100)
+    assert codec.bound == 2.0**38 / 100  # 2^62 / n at resolution 2^-24
+    huge = EvalSums(n=100, sse=1e12, sae=1e7, sum_y=0.0, sum_y2=400.0)
+    update = ClientUpdate("0", ModelParams.zeros(1), 100, {"train_loss": 1.0}, huge)
+    v = scalars.vector(update, stats, codec.bound)
+    assert v[3] == codec.bound  # sse / s^2 = 2.5e11 is past the bound: sent as the bound
+    assert v[4] == 1e7 / 2 and v[6] == 400.0 / 4  # the others as they are
+    codec.encode(v)
+    bad = ClientUpdate("0", ModelParams.zeros(1), 100, {"train_loss": float("nan")}, huge)
+    with pytest.raises(ValueError, match="non-finite"):
+        codec.encode(scalars.vector(bad, stats, codec.bound))

@@ -1,10 +1,12 @@
 """Secure aggregation with keys once per run (fl.secagg.run_keys): sums across rounds, masking,
-dropouts at either step, failing closed, and what a client refuses to reveal."""
+dropouts at either step, failing closed, the consistency check, and what a client refuses to
+reveal. Attacks by an active server: tests/test_secagg_attacks.py."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from fedtune.fl.secagg.identity import PublicParameters, survivor_statement
 from fedtune.fl.secagg.primitives import (
     FIELD,
     FixedPoint,
@@ -15,12 +17,25 @@ from fedtune.fl.secagg.primitives import (
 )
 from fedtune.fl.secagg.run_keys import Quorum, RunKeysClient, RunKeysServer, share_holders
 
-from tests.test_secagg import UNIFORM_P, _seeds, _top_byte_p_value
+from tests.test_secagg import UNIFORM_P, _seeds, _top_byte_p_value, members
+
+SESSION = "run-session"
+SIXTY = PublicParameters(0.6)
+"""Every test's quorum is the one 60% of the cohort gives, unless it says otherwise."""
 
 
-def _clients(n: int, seed: int = 0) -> tuple[dict[int, RunKeysClient], dict]:
-    clients = {u: RunKeysClient(u, s) for u, s in _seeds(range(n), seed).items()}
+def _clients(
+    n: int, seed: int = 0, parameters: PublicParameters = SIXTY
+) -> tuple[dict[int, RunKeysClient], dict]:
+    group = members(range(n), parameters, seed)
+    clients = {u: RunKeysClient(group[u], SESSION, s) for u, s in _seeds(range(n), seed).items()}
     return clients, {u: c.public_key() for u, c in clients.items()}
+
+
+def _sign(clients, round_num, survivors, signers=None) -> dict[int, bytes]:
+    """The consistency check: every survivor (or every one of ``signers``) signs the set."""
+    signers = survivors if signers is None else signers
+    return {v: clients[v].consistency(round_num, survivors) for v in signers}
 
 
 def _quorum(threshold: int | Quorum, n: int) -> Quorum:
@@ -52,6 +67,7 @@ def _round(
         if u not in set(drop_before_masking)
     }
     survivors, dropped, inboxes = server.collect_masked_inputs(inputs)
+    signatures = server.collect_signatures(_sign(clients, round_num, survivors))
     asked, responses = set(), {}
     while ask := (
         [v for v in survivors if v not in asked]
@@ -61,7 +77,7 @@ def _round(
         asked.update(ask)
         for v in ask:
             if v not in set(silent_at_unmasking):
-                responses[v] = clients[v].unmasking(round_num, survivors, dropped, inboxes[v])
+                responses[v] = clients[v].unmasking(round_num, survivors, signatures, inboxes[v])
     return server.unmask(list(responses.values())), survivors, inputs, list(responses.values())
 
 
@@ -92,7 +108,7 @@ def test_sums_are_right_round_after_round_for_changing_cohorts():
 )
 def test_masked_vectors_look_uniform_even_after_the_server_learns_what_it_may(dim, quorum):
     n, codec = 8, FixedPoint(bound=1.0)
-    clients, keys = _clients(n, 3)
+    clients, keys = _clients(n, 3, PublicParameters(0.6, quorum.holders))
     rng = np.random.default_rng(3)
     vectors = {u: rng.uniform(0, 0.01, dim) for u in range(n)}  # far from uniform in Z_2^64
     assert _top_byte_p_value(codec.encode(vectors[0])) < 1e-10  # the test has power
@@ -102,7 +118,8 @@ def test_masked_vectors_look_uniform_even_after_the_server_learns_what_it_may(di
     late = inputs.pop(7)  # client 7's message is late: the server declares it dropped
     survivors, dropped, inboxes = server.collect_masked_inputs(inputs)
     assert dropped == [7]
-    responses = {v: clients[v].unmasking(1, survivors, dropped, inboxes[v]) for v in survivors}
+    signatures = _sign(clients, 1, survivors)
+    responses = {v: clients[v].unmasking(1, survivors, signatures, inboxes[v]) for v in survivors}
     for m in [*inputs.values(), late]:
         assert _top_byte_p_value(m.masked) > UNIFORM_P, m.client_id
     exact = np.sum([vectors[u] for u in survivors], axis=0)
@@ -133,7 +150,7 @@ def test_masked_vectors_look_uniform_even_after_the_server_learns_what_it_may(di
 
 def test_thirty_percent_dropouts_before_masking_recover_the_survivors_sum():
     n, codec = 100, FixedPoint(bound=1.0)
-    clients, keys = _clients(n, 4)
+    clients, keys = _clients(n, 4, PublicParameters(0.51))
     rng = np.random.default_rng(4)
     for r, dropped in ((1, range(0, 100, 3)), (2, range(1, 100, 4))):
         dropped = list(dropped)[:30]
@@ -149,7 +166,7 @@ def test_thirty_percent_dropouts_before_masking_recover_the_survivors_sum():
 
 def test_thirty_percent_silent_at_unmasking_recover_the_full_sum():
     n, codec = 100, FixedPoint(bound=1.0)
-    clients, keys = _clients(n, 5)
+    clients, keys = _clients(n, 5, PublicParameters(0.51))
     rng = np.random.default_rng(5)
     vectors = {u: rng.uniform(-1, 1, 3) for u in range(n)}
     silent = [int(u) for u in rng.permutation(n)[:30]]
@@ -182,7 +199,7 @@ def test_share_holders_are_a_fresh_committee_each_round_that_every_party_compute
 def test_a_committee_alone_holds_the_shares_and_unmasks_with_or_without_dropouts():
     n, codec = 60, FixedPoint(bound=1.0)
     quorum = Quorum.of(n, 0.6, 12)  # 36 survivors needed; 12 holders, any 8 rebuild
-    clients, keys = _clients(n, 10)
+    clients, keys = _clients(n, 10, PublicParameters(0.6, 12))
     rng = np.random.default_rng(10)
 
     # Nobody drops: the server asks 8 holders, and only holders were sent shares.
@@ -248,7 +265,7 @@ def test_fails_closed(drop, silent, message):
         )
 
 
-def test_client_answers_once_and_only_for_a_consistent_split_of_its_cohort():
+def test_client_answers_once_and_only_for_one_survivor_set_of_its_cohort():
     clients, keys = _clients(6, 6)
     codec = FixedPoint(1.0)
     roster = list(keys.values())
@@ -258,31 +275,72 @@ def test_client_answers_once_and_only_for_a_consistent_split_of_its_cohort():
     }
     survivors, dropped, inboxes = server.collect_masked_inputs(inputs)
     assert dropped == [5]
-    with pytest.raises(SecAggAbort, match="do not split the cohort"):
-        clients[0].unmasking(1, survivors, [], inboxes[0])  # 5 vanished from both lists
-    with pytest.raises(SecAggAbort, match="do not split the cohort"):
-        clients[1].unmasking(1, [*survivors, 5], [5], inboxes[1])  # 5 in both
-    response = clients[2].unmasking(1, survivors, dropped, inboxes[2])
+    with pytest.raises(SecAggAbort, match="not a set of clients of the cohort it masked for"):
+        clients[0].consistency(1, [*survivors, 9])  # 9 was never in its cohort
+    with pytest.raises(SecAggAbort, match="not a set of clients of the cohort it masked for"):
+        clients[0].consistency(1, [0, 1, 1, 2, 3])
+    signatures = _sign(clients, 1, survivors)
+    response = clients[2].unmasking(1, survivors, signatures, inboxes[2])
     assert set(response.self_mask_shares) == set(survivors)
-    assert set(response.pair_seeds) == {5}  # never both for the same client
+    assert set(response.pair_seeds) == {5}  # its cohort minus the survivors; never both
     with pytest.raises(SecAggAbort, match="no unanswered masked input for round 1"):
-        clients[2].unmasking(1, survivors, dropped, inboxes[2])
+        clients[2].unmasking(1, survivors, signatures, inboxes[2])
+    # Client 3 signed [0..4]: it neither signs nor unmasks for another set of that round.
+    with pytest.raises(SecAggAbort, match="already answered for another survivor set in round 1"):
+        clients[3].consistency(1, [0, 1, 2, 3])
+    with pytest.raises(SecAggAbort, match="already answered for another survivor set in round 1"):
+        clients[3].unmasking(1, [0, 1, 2, 3], signatures, {})
     with pytest.raises(SecAggAbort, match="fewer than the threshold"):
-        clients[3].unmasking(1, [0, 1, 3], [2, 4, 5], {0: inboxes[3][0], 1: inboxes[3][1]})
+        clients[4].unmasking(1, [0, 1, 4], signatures, {0: inboxes[4][0], 1: inboxes[4][1]})
+
+
+def test_a_client_unmasks_only_with_t_member_signatures_on_exactly_its_set():
+    clients, keys = _clients(6, 12)
+    codec, quorum = FixedPoint(1.0), Quorum(4, 6, 4)
+    roster = list(keys.values())
+    server = RunKeysServer(1, range(6), quorum, codec, 2)
+    inputs = {u: clients[u].masked_input(np.zeros(2), 1, roster, quorum, codec) for u in range(5)}
+    survivors, _, inboxes = server.collect_masked_inputs(inputs)
+    signatures = _sign(clients, 1, survivors, signers=[0, 1, 2])
+    # Client 5 dropped: its real signature on the same statement is not a member's; 3's is
+    # forged; 4 signed the set of another cohort. Three valid member signatures, t is 4.
+    statement = survivor_statement(SESSION, 1, range(6), survivors)
+    other = survivor_statement(SESSION, 1, range(7), survivors)
+    signatures |= {
+        5: clients[5].member.identity.sign(statement),
+        3: bytes(64),
+        4: clients[4].member.identity.sign(other),
+    }
+    with pytest.raises(SecAggAbort, match="only 3 member.s. of the survivor set of round 1 signe"):
+        clients[1].unmasking(1, survivors, signatures, inboxes[1])
+    assert clients[1].member.directory.verify(5, signatures[5], statement)  # the test has power
+    signatures[3] = clients[3].consistency(1, survivors)
+    assert clients[2].unmasking(1, survivors, signatures, inboxes[2]).pair_seeds.keys() == {5}
+
+
+def test_a_quorum_other_than_the_published_one_is_refused():
+    clients, keys = _clients(10, 13, PublicParameters(0.6, 5))
+    roster, codec = list(keys.values()), FixedPoint(1.0)
+    assert Quorum.of(10, 0.6, 5) == Quorum(6, 5, 3)
+    for lowered in (Quorum(2, 5, 3), Quorum(6, 2, 2), Quorum(6, 10, 6)):
+        with pytest.raises(SecAggAbort, match=r"is not the published Quorum\(survivors=6, hold"):
+            clients[0].masked_input(np.zeros(2), 1, roster, lowered, codec)
+    clients[0].masked_input(np.zeros(2), 1, roster, Quorum(6, 5, 3), codec)
 
 
 def test_a_client_outside_the_committee_takes_no_shares():
-    clients, keys = _clients(6, 11)
+    clients, keys = _clients(6, 11, PublicParameters(0.6, 3))
     codec, quorum = FixedPoint(1.0), Quorum(4, 3, 2)
     roster = list(keys.values())
     server = RunKeysServer(1, range(6), quorum, codec, 2)
     inputs = {u: clients[u].masked_input(np.zeros(2), 1, roster, quorum, codec) for u in range(6)}
-    survivors, dropped, inboxes = server.collect_masked_inputs(inputs)
+    survivors, _, inboxes = server.collect_masked_inputs(inputs)
     holder = server.holders[0]
     outsider = next(u for u in range(6) if u not in server.holders)
     assert inboxes[outsider] == {} and len(inboxes[holder]) == 5
+    signatures = _sign(clients, 1, survivors)
     with pytest.raises(SecAggAbort, match=f"client {outsider}: holds no shares in round 1"):
-        clients[outsider].unmasking(1, survivors, dropped, inboxes[holder])
+        clients[outsider].unmasking(1, survivors, signatures, inboxes[holder])
 
 
 def test_round_seeds_mask_one_round_only_and_rounds_never_repeat():
@@ -296,8 +354,10 @@ def test_round_seeds_mask_one_round_only_and_rounds_never_repeat():
             u: clients[u].masked_input(np.zeros(2), r, roster, Quorum(3, 4, 3), codec)
             for u in range(3)
         }
-        survivors, dropped, inboxes = server.collect_masked_inputs(inputs)
-        revealed.append(clients[0].unmasking(r, survivors, dropped, inboxes[0]).pair_seeds[3])
+        survivors, _, inboxes = server.collect_masked_inputs(inputs)
+        signatures = _sign(clients, r, survivors)
+        response = clients[0].unmasking(r, survivors, signatures, inboxes[0])
+        revealed.append(response.pair_seeds[3])
     assert revealed[0] != revealed[1]
     with pytest.raises(SecAggAbort, match="masks are never reused"):
         clients[0].masked_input(np.zeros(2), 2, roster, Quorum(3, 4, 3), codec)
@@ -314,12 +374,13 @@ def test_tampered_shares_are_caught():
         u: clients[u].masked_input(np.ones(1) * 0.1, 1, roster, Quorum(3, 5, 3), codec)
         for u in range(5)
     }
-    survivors, dropped, inboxes = server.collect_masked_inputs(inputs)
+    survivors, _, inboxes = server.collect_masked_inputs(inputs)
+    signatures = _sign(clients, 1, survivors)
     forged = dict(inboxes[0])
     forged[1] = bytes([forged[1][0] ^ 1]) + forged[1][1:]
     with pytest.raises(SecAggAbort, match="share from client 1 failed authentication"):
-        clients[0].unmasking(1, survivors, dropped, forged)
-    responses = [clients[v].unmasking(1, survivors, dropped, inboxes[v]) for v in (1, 2, 3)]
+        clients[0].unmasking(1, survivors, signatures, forged)
+    responses = [clients[v].unmasking(1, survivors, signatures, inboxes[v]) for v in (1, 2, 3)]
     bad = responses[0].self_mask_shares
     bad[4] = bytes([bad[4][0] ^ 1]) + bad[4][1:]
     with pytest.raises(SecAggAbort, match="client 4's self mask do not match its commitment"):

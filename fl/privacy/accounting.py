@@ -14,6 +14,11 @@ by two methods and the smaller is reported; both are valid upper bounds:
 With adaptive clipping (:class:`fl.privacy.DPFedAvg`), ``z`` is the *total* noise multiplier:
 the split between the update sum and the unclipped count costs the same as one Gaussian
 mechanism with ``z`` (Andrew et al., 2021, Theorem 1).
+
+The feature statistics of a DP run (:func:`fl.statistics.dp_statistics`) are one more Gaussian
+mechanism, over every registered client (no sampling), with their own multiplier ``z_s``: the
+whole run is ``Compose[Gaussian(z_s), T x PoissonSampled(q, Gaussian(z))]``, and the epsilon
+reported includes that share.
 """
 
 from __future__ import annotations
@@ -42,9 +47,20 @@ def round_event(sampling_rate: float, noise_multiplier: float) -> dp_accounting.
 
 
 def training_event(
-    sampling_rate: float, noise_multiplier: float, rounds: int
+    sampling_rate: float,
+    noise_multiplier: float,
+    rounds: int,
+    statistics_noise: float | None = None,
 ) -> dp_accounting.DpEvent:
-    return dp_accounting.SelfComposedDpEvent(round_event(sampling_rate, noise_multiplier), rounds)
+    """``rounds`` rounds, after the feature statistics' Gaussian mechanism (multiplier
+    ``statistics_noise``) when the run released DP statistics."""
+    training = dp_accounting.SelfComposedDpEvent(
+        round_event(sampling_rate, noise_multiplier), rounds
+    )
+    if statistics_noise is None:
+        return training
+    statistics = dp_accounting.GaussianDpEvent(statistics_noise)
+    return statistics if rounds == 0 else dp_accounting.ComposedDpEvent([statistics, training])
 
 
 class _DropRdpConvergenceNotes(logging.Filter):
@@ -66,13 +82,22 @@ def _quiet_rdp() -> Iterator[None]:
         logger.removeFilter(note_filter)
 
 
-def rdp_epsilon(sampling_rate: float, noise_multiplier: float, rounds: int, delta: float) -> float:
-    """epsilon of ``rounds`` rounds at ``delta`` by the RDP accountant (default orders)."""
-    if rounds == 0:
+def rdp_epsilon(
+    sampling_rate: float,
+    noise_multiplier: float,
+    rounds: int,
+    delta: float,
+    statistics_noise: float | None = None,
+) -> float:
+    """epsilon of ``rounds`` rounds (and the statistics, with ``statistics_noise``) at
+    ``delta`` by the RDP accountant (default orders)."""
+    if rounds == 0 and statistics_noise is None:
         return 0.0
     with _quiet_rdp():
         accountant = rdp.RdpAccountant()
-        accountant.compose(training_event(sampling_rate, noise_multiplier, rounds))
+        accountant.compose(
+            training_event(sampling_rate, noise_multiplier, rounds, statistics_noise)
+        )
         return float(accountant.get_epsilon(delta))
 
 
@@ -82,26 +107,35 @@ def pld_epsilon(
     rounds: int,
     delta: float,
     discretization: float = PLD_DISCRETIZATION,
+    statistics_noise: float | None = None,
 ) -> float:
-    """epsilon of ``rounds`` rounds at ``delta`` by the PLD accountant."""
-    if rounds == 0:
+    """epsilon of ``rounds`` rounds (and the statistics, with ``statistics_noise``) at
+    ``delta`` by the PLD accountant."""
+    if rounds == 0 and statistics_noise is None:
         return 0.0
-    if noise_multiplier == 0:
+    if (noise_multiplier == 0 and rounds > 0) or statistics_noise == 0:
         return math.inf
     accountant = pld.PLDAccountant(value_discretization_interval=discretization)
-    accountant.compose(training_event(sampling_rate, noise_multiplier, rounds))
+    accountant.compose(training_event(sampling_rate, noise_multiplier, rounds, statistics_noise))
     return float(accountant.get_epsilon(delta))
 
 
 @lru_cache(maxsize=512)
 def _epsilons(
-    sampling_rate: float, noise_multiplier: float, rounds: int, delta: float, discretization: float
+    sampling_rate: float,
+    noise_multiplier: float,
+    rounds: int,
+    delta: float,
+    discretization: float,
+    statistics_noise: float | None,
 ) -> tuple[float, float]:
     # Cached because the flow asks for the same round twice: the epsilon after round t, and
     # would_exceed before round t.
     return (
-        rdp_epsilon(sampling_rate, noise_multiplier, rounds, delta),
-        pld_epsilon(sampling_rate, noise_multiplier, rounds, delta, discretization),
+        rdp_epsilon(sampling_rate, noise_multiplier, rounds, delta, statistics_noise),
+        pld_epsilon(
+            sampling_rate, noise_multiplier, rounds, delta, discretization, statistics_noise
+        ),
     )
 
 
@@ -126,6 +160,8 @@ class Accountant:
     sampling_rate : q, the Poisson sampling rate (expected clients / number of clients).
     delta : the delta at which epsilon is reported; typically below 1 / number of clients.
     pld_discretization : the PLD grid step.
+    statistics_noise : z_s, the multiplier of the DP feature statistics released before round
+        1 (None when the run released none); counted from round 0 on.
 
     ``rounds_`` counts the rounds recorded with :meth:`step`. :meth:`to_dict` and
     :meth:`from_dict` checkpoint the accountant.
@@ -137,6 +173,7 @@ class Accountant:
         sampling_rate: float,
         delta: float,
         pld_discretization: float = PLD_DISCRETIZATION,
+        statistics_noise: float | None = None,
     ):
         if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
             raise ValueError(
@@ -150,6 +187,7 @@ class Accountant:
         self.sampling_rate = float(sampling_rate)
         self.delta = float(delta)
         self.pld_discretization = float(pld_discretization)
+        self.statistics_noise = None if statistics_noise is None else float(statistics_noise)
         self.rounds_ = 0
 
     def spent(self, rounds: int | None = None) -> PrivacySpent:
@@ -158,7 +196,12 @@ class Accountant:
         if rounds < 0:
             raise ValueError(f"rounds: must be >= 0 (got {rounds!r})")
         by_rdp, by_pld = _epsilons(
-            self.sampling_rate, self.noise_multiplier, rounds, self.delta, self.pld_discretization
+            self.sampling_rate,
+            self.noise_multiplier,
+            rounds,
+            self.delta,
+            self.pld_discretization,
+            self.statistics_noise,
         )
         method: Literal["rdp", "pld"] = "pld" if by_pld <= by_rdp else "rdp"
         return PrivacySpent(min(by_rdp, by_pld), self.delta, rounds, method, by_rdp, by_pld)
@@ -179,12 +222,18 @@ class Accountant:
             "noise_multiplier": self.noise_multiplier,
             "sampling_rate": self.sampling_rate,
             "delta": self.delta,
+            "statistics_noise": self.statistics_noise,
             "rounds": self.rounds_,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Accountant:
-        accountant = cls(data["noise_multiplier"], data["sampling_rate"], data["delta"])
+        accountant = cls(
+            data["noise_multiplier"],
+            data["sampling_rate"],
+            data["delta"],
+            statistics_noise=data.get("statistics_noise"),
+        )
         accountant.rounds_ = int(data["rounds"])
         return accountant
 
@@ -216,6 +265,7 @@ def calibrate_noise_multiplier(
     rounds: int,
     tol: float = 1e-4,
     pld_discretization: float = PLD_DISCRETIZATION,
+    statistics_noise: float | None = None,
 ) -> float:
     """The smallest noise multiplier (within ``tol``) for which ``rounds`` rounds spend at most
     ``target_epsilon`` as :class:`Accountant` reports it (the smaller of RDP and PLD).
@@ -234,13 +284,14 @@ def calibrate_noise_multiplier(
         raise ValueError(f"rounds: must be >= 1 (got {rounds!r})")
 
     def make_event(z: float) -> dp_accounting.DpEvent:
-        return training_event(sampling_rate, z, rounds)
+        return training_event(sampling_rate, z, rounds, statistics_noise)
 
     def pld_gap(z: float) -> float:
-        return pld_epsilon(sampling_rate, z, rounds, delta, pld_discretization) - target_epsilon
+        eps = pld_epsilon(sampling_rate, z, rounds, delta, pld_discretization, statistics_noise)
+        return eps - target_epsilon
 
     def rdp_gap(z: float) -> float:
-        return rdp_epsilon(sampling_rate, z, rounds, delta) - target_epsilon
+        return rdp_epsilon(sampling_rate, z, rounds, delta, statistics_noise) - target_epsilon
 
     z_pld = float(
         dp_accounting.calibrate_dp_mechanism(

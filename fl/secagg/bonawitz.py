@@ -1,14 +1,17 @@
 """Secure aggregation: the server learns the sum of the clients' vectors and nothing else.
 
 Bonawitz, Ivanov, Kreuter, Marcedone, McMahan, Patel, Ramage, Segal and Seth, 2017, "Practical
-Secure Aggregation for Privacy-Preserving Machine Learning" (ACM CCS), the protocol for an
-honest-but-curious server, simulated in one process but with real cryptography. Rounds are
-numbered as in the paper (round 3, the consistency check, belongs to the malicious-server
-variant, which is not implemented):
+Secure Aggregation for Privacy-Preserving Machine Learning" (ACM CCS), the protocol against an
+active server (the paper's malicious-server variant, with signed keys and the consistency
+check), simulated in one process but with real cryptography. Rounds are numbered as in the
+paper:
 
 0. **Advertise keys.** Each client ``u`` makes two X25519 key pairs: ``c_u`` to encrypt the
-   shares it sends to other clients, ``s_u`` to agree pairwise masks. The server broadcasts the
-   roster of public keys (U1).
+   shares it sends to other clients, ``s_u`` to agree pairwise masks, and signs both public
+   keys (with the run, round and its id) with its long-term identity key
+   (:mod:`fl.secagg.identity`). The server broadcasts the roster of public keys (U1); each
+   client checks every signature against the public key the run's directory holds for that
+   client, never one the server sent, and aborts on any that fails.
 1. **Share keys.** ``u`` picks a self-mask seed ``b_u`` and Shamir-shares ``b_u`` and the
    secret key of ``s_u``, t-of-n, among the roster; each share travels encrypted (AES-GCM,
    key from X25519 + HKDF-SHA256) through the server. U2: the clients whose shares arrived.
@@ -16,18 +19,25 @@ variant, which is not implemented):
    where ``s_uv`` comes from key agreement with each ``v`` in U2, ``+`` if ``u < v`` and ``-``
    otherwise, so that the pairwise masks cancel in the sum. U3: the clients whose masked input
    arrived.
-4. **Unmasking.** Each surviving client sends, for every ``v`` in U3, its share of ``b_v``
-   and, for every ``v`` that dropped after sharing keys (U2 minus U3), its share of ``v``'s
-   mask key: never both for the same client. With ``t`` responses the server rebuilds the
-   self masks of U3 and the pairwise masks that dropped clients left behind, and removes them.
+3. **Consistency check.** The server sends U3 to its members; each signs (round, U2, U3) if U3
+   is part of U2, holds itself and at least t clients, and if it signed no other set this
+   round. The server forwards the signatures.
+4. **Unmasking.** A surviving client that holds at least t valid signatures of members of U3
+   on exactly its (round, U2, U3) sends, for every ``v`` in U3, its share of ``b_v`` and, for
+   every ``v`` that dropped after sharing keys (U2 minus U3), its share of ``v``'s mask key:
+   never both for the same client. With ``t`` responses the server rebuilds the self masks of
+   U3 and the pairwise masks that dropped clients left behind, and removes them.
 
-Every step needs at least ``threshold`` clients (t); with fewer the protocol fails closed with
-:class:`SecAggAbort`. Up to ``n - t`` clients may drop out; the usual choice is a majority,
-``t > n / 2``. Clients are trusted to follow the protocol, and so is the server, which may
-however try to learn from what it sees (honest-but-curious).
+Every step needs at least ``threshold`` clients (t), which every client checks against the
+run's public threshold fraction; with fewer the protocol fails closed with
+:class:`SecAggAbort`. Up to ``n - t`` clients may drop out; ``t > n / 2``. Without the consistency
+check, a server that lowers t, or tells some clients that ``u`` survived and others that it
+dropped, collects shares of both ``b_u`` and ``u``'s mask key; with it, the clients that release
+anything agreed on one U3, and each answers for one set per round. A client also takes part in
+one key session per round, so a round cannot be run twice to difference two sums.
 
 This is the ``privacy.secagg_keys = "round"`` protocol; :mod:`fl.secagg.run_keys` (the default)
-agrees keys once per run and needs two exchanges per round instead of four.
+agrees keys once per run and needs three exchanges per round instead of five.
 
 Vectors are summed in fixed point (:class:`FixedPoint`): ``round(x * 2^frac_bits)`` as a
 two's-complement 64-bit integer, so numpy's ``uint64`` arithmetic, which wraps modulo 2^64, is
@@ -45,10 +55,18 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from fedtune.fl.secagg.identity import (
+    Directory,
+    Identity,
+    Membership,
+    PublicParameters,
+    statement,
+    survivor_statement,
+)
 from fedtune.fl.secagg.primitives import (
     SHAMIR_BYTES,
     SHAMIR_PRIME,
-    FixedPoint,
+    Codec,
     SecAggAbort,
     agree,
     hkdf,
@@ -86,11 +104,26 @@ _NONCE = bytes(12)
 
 @dataclass(frozen=True)
 class AdvertisedKeys:
-    """Round 0, client to server: a client's two public keys."""
+    """Round 0, client to server: a client's two public keys, signed with its identity key
+    (:func:`key_statement`)."""
 
     client_id: int
     channel_public: bytes
     mask_public: bytes
+    signature: bytes
+
+
+def key_statement(
+    session: str, round_num: int, client_id: int, channel_public: bytes, mask_public: bytes
+) -> bytes:
+    """What a client signs to advertise its keys of one round."""
+    return statement(
+        "fedtune/secagg/round-keys",
+        session,
+        id_bytes(round_num, client_id),
+        channel_public,
+        mask_public,
+    )
 
 
 @dataclass(frozen=True)
@@ -118,16 +151,19 @@ class UnmaskingResponse:
 
 
 class SecAggClient:
-    """One client's side of the protocol; each method is one round.
+    """One client's side of the protocol for one round; each method is one protocol round.
 
-    The methods keep no state between rounds: every secret derives from ``seed`` and every
-    message it needs is passed in. A client rebuilt from the same seed (for example inside a
-    later task) therefore continues the same session. (Within one object, derived values are
-    cached: key agreements and Shamir shares are the costly part.)
+    Every secret derives from ``seed`` and every message it needs is passed in. (Within one
+    object, derived values are cached: key agreements, signature checks and Shamir shares are
+    the costly part.) What must outlive a call, the survivor set it answers for, is kept by the
+    client's :class:`~fl.secagg.identity.Identity`, which also lets it take part in one key
+    session per round only.
 
     Parameters
     ----------
-    client_id : a distinct integer >= 0; orders the pairwise masks and names the Shamir point.
+    member : the client's identity (its id orders the pairwise masks and names its Shamir
+        point), the run's directory and public parameters.
+    session : this round's session id; ``round_num`` the round. Both are signed with the keys.
     threshold : t, the number of clients needed to unmask.
     codec : the fixed-point encoding shared by all parties.
     seed : 32 secret bytes from which all the client's keys and randomness derive; default:
@@ -136,13 +172,23 @@ class SecAggClient:
     """
 
     def __init__(
-        self, client_id: int, threshold: int, codec: FixedPoint, seed: bytes | None = None
+        self,
+        member: Membership,
+        session: str,
+        round_num: int,
+        threshold: int,
+        codec: Codec,
+        seed: bytes | None = None,
     ):
-        if client_id < 0:
-            raise ValueError(f"client_id: must be >= 0 (got {client_id!r})")
+        if member.client_id < 0:
+            raise ValueError(f"client_id: must be >= 0 (got {member.client_id!r})")
         if threshold < 2:
             raise ValueError(f"threshold: must be at least 2 (got {threshold!r})")
-        self.client_id = client_id
+        member.identity.commit("key session", round_num, session.encode())
+        self.client_id = member.client_id
+        self.member = member
+        self.session = session
+        self.round_num = round_num
         self.threshold = threshold
         self.codec = codec
         seed = secrets.token_bytes(32) if seed is None else seed
@@ -153,13 +199,13 @@ class SecAggClient:
         self._mask_key = X25519PrivateKey.from_private_bytes(self._mask_key_bytes)
         self._self_mask_seed = hkdf(seed, b"self-mask-seed")
         self._share_randomness = hkdf(seed, b"shamir-coefficients")
-        self._public = AdvertisedKeys(
-            client_id,
-            self._channel_key.public_key().public_bytes_raw(),
-            self._mask_key.public_key().public_bytes_raw(),
-        )
+        channel = self._channel_key.public_key().public_bytes_raw()
+        mask = self._mask_key.public_key().public_bytes_raw()
+        signed = key_statement(session, round_num, self.client_id, channel, mask)
+        self._public = AdvertisedKeys(self.client_id, channel, mask, member.identity.sign(signed))
         self._channel_secrets: dict[bytes, bytes] = {}
         self._share_cache: dict[tuple[AdvertisedKeys, ...], tuple[dict, dict]] = {}
+        self._checked: set[tuple[AdvertisedKeys, ...]] = set()
 
     def advertise_keys(self) -> AdvertisedKeys:
         """Round 0."""
@@ -201,14 +247,30 @@ class SecAggClient:
                 masked += _pair_mask(shared, self.client_id, v, encoded.shape[0])
         return masked
 
+    def consistency_check(
+        self,
+        roster: Sequence[AdvertisedKeys],
+        inbox: Sequence[EncryptedShare],
+        survivors: Sequence[int],
+    ) -> bytes:
+        """Round 3: this client's signature on (round, U2, U3), the only survivor set it will
+        sign or unmask for in this round."""
+        keys = self._check_roster(roster)
+        cohort = self._check_inbox(inbox, keys)
+        signed = self._survivor_statement(cohort, survivors)
+        return self.member.identity.endorse(self.round_num, signed)
+
     def unmasking_shares(
         self,
         roster: Sequence[AdvertisedKeys],
         inbox: Sequence[EncryptedShare],
         survivors: Sequence[int],
+        signatures: Mapping[int, bytes],
     ) -> UnmaskingResponse:
         """Round 4: given the clients whose masked input arrived (U3), release shares of their
-        self-mask seeds and of the mask keys of the others in U2, and nothing more.
+        self-mask seeds and of the mask keys of the others in U2, and nothing more; only for
+        the one set this client answers for in the round, and only if at least t members of
+        U3 signed it (``signatures``).
 
         The client works out who dropped from its own view of U2, so it never releases both
         shares of the same client: with both, the server could unmask that client's input.
@@ -216,17 +278,9 @@ class SecAggClient:
         keys = self._check_roster(roster)
         cohort = self._check_inbox(inbox, keys)
         alive = set(survivors)
-        if not alive <= cohort:
-            raise SecAggAbort(
-                f"client {self.client_id}: survivors {sorted(alive - cohort)} never shared keys"
-            )
-        if self.client_id not in alive:
-            raise SecAggAbort(f"client {self.client_id}: not among the survivors it was sent")
-        if len(alive) < self.threshold:
-            raise SecAggAbort(
-                f"client {self.client_id}: {len(alive)} survivors are fewer than the "
-                f"threshold {self.threshold}"
-            )
+        signed = self._survivor_statement(cohort, survivors)
+        self.member.identity.commit("survivor set", self.round_num, signed)
+        self._check_endorsements(signed, signatures, alive)
         received = self._decrypt(inbox, keys)
         own_self_mask, own_mask_key = self._shares(roster)
         mine = share_point(self.client_id)
@@ -268,6 +322,39 @@ class SecAggClient:
         )
         return self_mask, mask_key
 
+    def _survivor_statement(self, cohort: set[int], survivors: Sequence[int]) -> bytes:
+        """The statement on ``survivors`` this client may sign, after the checks every
+        survivor set must pass: part of U2, this client in it, at least t."""
+        me, alive = self.client_id, set(survivors)
+        if len(alive) != len(survivors):
+            raise SecAggAbort(f"client {me}: the survivors it was sent repeat a client")
+        if not alive <= cohort:
+            raise SecAggAbort(f"client {me}: survivors {sorted(alive - cohort)} never shared keys")
+        if me not in alive:
+            raise SecAggAbort(f"client {me}: not among the survivors it was sent")
+        if len(alive) < self.threshold:
+            raise SecAggAbort(
+                f"client {me}: {len(alive)} survivors are fewer than the threshold {self.threshold}"
+            )
+        return survivor_statement(self.session, self.round_num, cohort, alive)
+
+    def _check_endorsements(
+        self, signed: bytes, signatures: Mapping[int, bytes], alive: set[int]
+    ) -> None:
+        self.member.directory.require_endorsements(
+            self.client_id, self.round_num, signed, signatures, alive, self.threshold
+        )
+
+    def _check_threshold(self, roster_size: int) -> None:
+        """t must be at least what the public threshold fraction gives the roster: with a
+        lower one, fewer clients' shares would rebuild a secret."""
+        floor = self.member.parameters.survivors(roster_size)
+        if self.threshold < floor:
+            raise SecAggAbort(
+                f"client {self.client_id}: the server's threshold {self.threshold} is below "
+                f"the published threshold {floor} for a roster of {roster_size}"
+            )
+
     def _check_roster(self, roster: Sequence[AdvertisedKeys]) -> dict[int, AdvertisedKeys]:
         keys = {k.client_id: k for k in roster}
         if len(keys) != len(roster):
@@ -279,7 +366,22 @@ class SecAggClient:
                 f"client {self.client_id}: roster of {len(keys)} is below the threshold "
                 f"{self.threshold}"
             )
+        if tuple(roster) not in self._checked:
+            self._check_threshold(len(keys))
+            self._check_keys(roster)
+            self._checked.add(tuple(roster))
         return keys
+
+    def _check_keys(self, roster: Sequence[AdvertisedKeys]) -> None:
+        """Every peer's keys must carry its signature, checked against the directory."""
+        for k in roster:
+            if k.client_id != self.client_id:
+                signed = key_statement(
+                    self.session, self.round_num, k.client_id, k.channel_public, k.mask_public
+                )
+                self.member.directory.require(
+                    self.client_id, k.client_id, k.signature, signed, "round keys"
+                )
 
     def _check_inbox(
         self, inbox: Sequence[EncryptedShare], keys: Mapping[int, AdvertisedKeys]
@@ -336,7 +438,7 @@ class SecAggServer:
     to remove the masks: enough to learn the sum of U3's vectors and nothing about any one.
     """
 
-    def __init__(self, threshold: int, codec: FixedPoint, dimension: int):
+    def __init__(self, threshold: int, codec: Codec, dimension: int):
         if threshold < 2:
             raise ValueError(f"threshold: must be at least 2 (got {threshold!r})")
         self.threshold = threshold
@@ -345,6 +447,7 @@ class SecAggServer:
         self.roster_: list[AdvertisedKeys] = []
         self.shared_keys_: list[int] = []
         self.survivors_: list[int] = []
+        self.signatures_: dict[int, bytes] = {}
         self._masked_sum = np.zeros(dimension, dtype=np.uint64)
 
     def collect_keys(self, keys: Sequence[AdvertisedKeys]) -> list[AdvertisedKeys]:
@@ -392,6 +495,16 @@ class SecAggServer:
         self._masked_sum = total
         self.survivors_ = sorted(masked)
         return list(self.survivors_)
+
+    def collect_signatures(self, signatures: Mapping[int, bytes]) -> dict[int, bytes]:
+        """Round 3: the survivors' signatures on U3 (U4: those who signed), at least t, to
+        forward with the unmasking request; the clients check them."""
+        unknown = signatures.keys() - set(self.survivors_)
+        if unknown:
+            raise SecAggAbort(f"consistency check: signatures from non-survivors {sorted(unknown)}")
+        self._require(len(signatures), "consistency check")
+        self.signatures_ = dict(sorted(signatures.items()))
+        return dict(self.signatures_)
 
     def unmask(self, responses: Sequence[UnmaskingResponse]) -> np.ndarray:
         """Round 4: the decoded float sum of the survivors' vectors."""
@@ -441,7 +554,7 @@ class SecureSum:
 def secure_sum(
     vectors: Mapping[int, np.ndarray],
     threshold: int,
-    codec: FixedPoint,
+    codec: Codec,
     *,
     drop_before_sharing: Sequence[int] = (),
     drop_before_masking: Sequence[int] = (),
@@ -449,7 +562,9 @@ def secure_sum(
     seeds: Mapping[int, bytes] | None = None,
 ) -> SecureSum:
     """Run the whole protocol in-process over ``{client_id: vector}``, with clients dropping at
-    the given steps, and return what the server recovers.
+    the given steps (a client that drops before unmasking also misses the consistency check),
+    and return what the server recovers. Every client gets an identity in a fresh directory
+    whose public threshold is ``threshold`` of the clients.
 
     ``seeds`` makes the run reproducible (tests); by default every client draws fresh secrets.
     """
@@ -457,9 +572,16 @@ def secure_sum(
     if len(dims) != 1 or len(next(iter(dims))) != 1:
         raise ValueError("vectors: must be 1-D and of equal length")
     server = SecAggServer(threshold, codec, next(iter(dims))[0])
-    clients = {
-        u: SecAggClient(u, threshold, codec, None if seeds is None else seeds[u]) for u in vectors
-    }
+    directory = Directory()
+    # Half a client below t, so that ceil(fraction * n) is t whatever the rounding.
+    parameters = PublicParameters((threshold - 0.5) / len(vectors))
+    clients = {}
+    for u in vectors:
+        seed = None if seeds is None else seeds[u]
+        identity = Identity(u, seed)
+        directory.publish(u, identity.public)
+        member = Membership(identity, directory, parameters)
+        clients[u] = SecAggClient(member, "secure-sum", 1, threshold, codec, seed)
     roster = server.collect_keys([c.advertise_keys() for c in clients.values()])
     inboxes = server.route_shares(
         [c.share_keys(roster) for u, c in clients.items() if u not in set(drop_before_sharing)]
@@ -473,9 +595,11 @@ def secure_sum(
         }
     )
     gone |= set(drop_before_unmasking)
+    answering = [u for u in survivors if u not in gone]
+    signatures = server.collect_signatures(
+        {u: clients[u].consistency_check(roster, inboxes[u], survivors) for u in answering}
+    )
     responses = [
-        clients[u].unmasking_shares(roster, inboxes[u], survivors)
-        for u in survivors
-        if u not in gone
+        clients[u].unmasking_shares(roster, inboxes[u], survivors, signatures) for u in answering
     ]
     return SecureSum(server.unmask(responses), survivors)

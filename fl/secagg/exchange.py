@@ -1,13 +1,16 @@
 """Secure aggregation as an exchange: after each round the server holds the *sum* of the
-surviving clients' contributions (:class:`fl.strategies.aggregation.Contribution`) and nothing
-about any one of them.
+surviving clients' contributions (:class:`fl.strategies.aggregation.Contribution`), example
+counts, training losses and evaluation sums (:mod:`fl.secagg.scalars`), and nothing about any
+one of them.
 
 The server's side of both protocols, one method per exchange with the clients, written against
-:class:`fl.secagg.parties.Parties`, so it runs the same in-process and over Prefect tasks.
-``privacy.secagg_keys = "run"`` (default, :mod:`fl.secagg.run_keys`): a key-setup exchange when
-the run starts, then two exchanges per round (masked updates, unmasking). ``"round"``
-(:mod:`fl.secagg.bonawitz`): four exchanges every round (keys, shares, masked updates,
-unmasking), which recovers from dropouts at any step.
+:class:`fl.secagg.parties.Parties`, so it runs the same in-process and over Prefect tasks. When
+the run opens, the clients' side is enrolled and every client makes its identity key
+(:mod:`fl.secagg.identity`). ``privacy.secagg_keys = "run"`` (default,
+:mod:`fl.secagg.run_keys`): the same setup exchange makes each client's key pair, then three
+exchanges per round (masked updates, consistency check, unmasking). ``"round"``
+(:mod:`fl.secagg.bonawitz`): five exchanges every round (keys, shares, masked updates,
+consistency check, unmasking), which recovers from dropouts at any step.
 
 Secure aggregation is independent of DP: without DP the sum is FedAvg's (example counts summed
 masked, inside the vector); with DP the contributions are clipped and the server adds the noise
@@ -20,12 +23,15 @@ import time
 import uuid
 from typing import Any
 
+import numpy as np
 from fedtune.fl.config import FLConfig
 from fedtune.fl.data import ClientRef
 from fedtune.fl.exchange import Broadcast, Exchange, Failures, Returned
+from fedtune.fl.secagg import scalars
 from fedtune.fl.secagg.bonawitz import SecAggServer
+from fedtune.fl.secagg.identity import PublicParameters
 from fedtune.fl.secagg.parties import Parties
-from fedtune.fl.secagg.primitives import FixedPoint, SecAggAbort
+from fedtune.fl.secagg.primitives import SecAggAbort, Segments
 from fedtune.fl.secagg.run_keys import Quorum, RunKeysServer
 
 
@@ -47,21 +53,29 @@ class SecureExchange:
         return self.plain.final(refs, params, stats, champion, rounds)
 
     def open(self, refs: list[ClientRef]) -> float:
-        """With keys once per run, every client makes its key pair now."""
-        if self.config.privacy.secagg_keys != "run":
-            return 0.0
+        """Enrol the run on the clients' side; every client publishes its identity key and,
+        with keys once per run, makes its key pair."""
         started = time.perf_counter()
-        self.keys, _ = self.parties.call("run-setup", refs, (self.session,))
+        self.parameters = PublicParameters.of(self.config)
+        self.parties.enroll(self.session)
+        run_keys = self.config.privacy.secagg_keys == "run"
+        self.keys, _ = self.parties.call("setup", refs, (self.session, run_keys))
         return time.perf_counter() - started
 
     def train(self, sampled: list[ClientRef], broadcast: Broadcast, round_num: int) -> Returned:
         timeout = self.config.rounds.round_timeout_s
         until = None if timeout is None else time.perf_counter() + timeout
+        failures: Failures = [
+            (ref.client_id, "took no part in the secure-aggregation setup")
+            for ref in sampled
+            if ref.index not in self.keys
+        ]
+        cohort = [ref for ref in sampled if ref.index in self.keys]
         if self.config.privacy.secagg_keys == "run":
-            return self._run_keys_round(sampled, broadcast, round_num, until)
+            return self._run_keys_round(cohort, failures, broadcast, round_num, until)
         session = uuid.uuid4().hex
         try:
-            return self._fresh_keys_round(sampled, broadcast, round_num, until, session)
+            return self._fresh_keys_round(cohort, failures, broadcast, round_num, until, session)
         finally:
             self.parties.expire(session)
 
@@ -71,7 +85,8 @@ class SecureExchange:
     # -- the two protocols ----------------------------------------------------------------------
 
     def _quorum(self, n: int, round_num: int, committee: int | None = None) -> Quorum:
-        quorum = Quorum.of(n, self.config.privacy.secagg_threshold, committee)
+        floor = self.parameters.min_cohort
+        quorum = Quorum.of(n, self.config.privacy.secagg_threshold, committee, floor)
         if n < quorum.survivors:
             raise SecAggAbort(
                 f"round {round_num}: {n} client(s) can take part; secure aggregation needs at "
@@ -79,66 +94,70 @@ class SecureExchange:
             )
         return quorum
 
-    def _codec(self, broadcast: Broadcast, n: int) -> FixedPoint:
-        codec = FixedPoint(bound=broadcast.contribution.bound(n))
+    def _codec(self, broadcast: Broadcast, n: int) -> Segments:
+        size = broadcast.params.num_features + 3
+        codec = scalars.round_codec(broadcast.contribution, size, n)
         codec.check_capacity(n)
         return codec
 
     def _call(self, step, refs, shared, failures: Failures, each=None, until=None) -> dict:
         timeout = None if until is None else until - time.perf_counter()
         answered, failed = self.parties.call(step, refs, shared, each, timeout)
-        failures += failed
+        failures += [f for f in failed if f[0] not in {cid for cid, _ in failures}]
         return answered
 
     def _run_keys_round(
-        self, sampled: list[ClientRef], broadcast: Broadcast, r: int, until: float | None
+        self,
+        cohort: list[ClientRef],
+        failures: Failures,
+        broadcast: Broadcast,
+        r: int,
+        until: float | None,
     ) -> Returned:
-        failures: Failures = [
-            (ref.client_id, "took no part in the secure-aggregation key setup")
-            for ref in sampled
-            if ref.index not in self.keys
-        ]
-        cohort = [ref for ref in sampled if ref.index in self.keys]
         quorum = self._quorum(len(cohort), r, self.config.privacy.committee_size)
         codec = self._codec(broadcast, len(cohort))
         ids = [ref.index for ref in cohort]
         by_index = {ref.index: ref for ref in cohort}
-        server = RunKeysServer(r, ids, quorum, codec, broadcast.params.num_features + 3)
+        server = RunKeysServer(r, ids, quorum, codec, codec.size)
         roster = [self.keys[i] for i in ids]
         shared = (self.session, roster, quorum, codec, broadcast, self.config.client, r)
         faults = self.config.injected_faults  # a client that fails drops out
         masked = self._call("run-train", cohort, (*shared, faults), failures, until=until)
-        survivors, dropped, inboxes = server.collect_masked_inputs(
+        survivors, _, inboxes = server.collect_masked_inputs(
             {i: m.masked for i, m in masked.items()}
         )
+        silent: Failures = []  # in the sum, but did not sign or unmask
+        survivor_refs = [by_index[i] for i in survivors]
+        signed = self._call("run-consistency", survivor_refs, (self.session, survivors, r), silent)
+        signatures = server.collect_signatures(signed)
         # The share holders the sum needs (everyone, if somebody dropped); more if some fail.
         asked: set[int] = set()
         responses: dict = {}
-        silent: Failures = []
         while ask := server.to_ask(asked, responses.keys()):
             asked.update(ask)
             refs = [by_index[i] for i in ask]
             inbox = [inboxes[i] for i in ask]
-            unmask = (self.session, survivors, dropped, r)
+            unmask = (self.session, survivors, signatures, r)
             responses |= self._call("run-unmask", refs, unmask, silent, inbox)
         total = server.unmask(list(responses.values()))
-        return Returned([masked[i] for i in survivors], failures, total, silent)
+        return _returned(broadcast, total, [masked[i] for i in survivors], failures, silent)
 
     def _fresh_keys_round(
         self,
-        sampled: list[ClientRef],
+        cohort: list[ClientRef],
+        failures: Failures,
         broadcast: Broadcast,
         r: int,
         until: float | None,
         session: str,
     ) -> Returned:
-        n = len(sampled)
-        threshold = self._quorum(n, r).survivors
-        codec = self._codec(broadcast, n)
-        server = SecAggServer(threshold, codec, dimension=broadcast.params.num_features + 3)
-        by_index = {ref.index: ref for ref in sampled}
-        failures: Failures = []
-        keys = self._call("round-keys", sampled, (session, threshold, codec, r), failures)
+        threshold = self._quorum(len(cohort), r).survivors
+        codec = self._codec(broadcast, len(cohort))
+        server = SecAggServer(threshold, codec, dimension=codec.size)
+        by_index = {ref.index: ref for ref in cohort}
+        keys = self._call(
+            "round-keys", cohort, (session, self.session, threshold, codec, r), failures
+        )
         roster = server.collect_keys(list(keys.values()))
         cohort = [by_index[i] for i in keys]
         shares = self._call("round-shares", cohort, (session, roster, r), failures)
@@ -148,10 +167,32 @@ class SecureExchange:
         each = [inboxes[ref.index] for ref in cohort]
         masked = self._call("round-train", cohort, shared, failures, each, until)
         survivors = server.collect_masked_inputs({i: m.masked for i, m in masked.items()})
+        silent: Failures = []  # in the sum, but did not sign or unmask
         cohort = [by_index[i] for i in survivors]
-        each = [inboxes[ref.index] for ref in cohort]
-        silent: Failures = []
-        unmask = (session, roster, survivors, r)
+        each = [inboxes[i] for i in survivors]
+        check = (session, roster, survivors, r)
+        signed = self._call("round-consistency", cohort, check, silent, each)
+        signatures = server.collect_signatures(signed)
+        cohort = [by_index[i] for i in signatures]  # U4: the signers unmask
+        each = [inboxes[i] for i in signatures]
+        unmask = (session, roster, survivors, signatures, r)
         responses = self._call("round-unmask", cohort, unmask, silent, each)
         total = server.unmask(list(responses.values()))
-        return Returned([masked[i] for i in survivors], failures, total, silent)
+        return _returned(broadcast, total, [masked[i] for i in survivors], failures, silent)
+
+
+def _returned(
+    broadcast: Broadcast, total: np.ndarray, updates: list, failures: Failures, silent: Failures
+) -> Returned:
+    """The round's outcome from the unmasked sum: the contributions' sum for the strategy, the
+    summed scalars for the round's metrics."""
+    size = broadcast.params.num_features + 3
+    sums = scalars.RoundScalars.from_sum(total[size:], broadcast.stats)
+    return Returned(
+        updates,
+        failures,
+        total[:size],
+        silent,
+        evaluation=sums.evaluation,
+        train_loss=sums.train_loss,
+    )

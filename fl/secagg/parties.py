@@ -8,9 +8,15 @@ The server drives the steps through a :class:`Parties` (:mod:`fl.secagg.exchange
 same functions, so both run the same protocol code.
 
 A client's secrets are made from the OS CSPRNG when it makes its keys, stay in its key store,
-and are dropped once the run (``"run"`` keys) or the round (``"round"`` keys) is over. They never
-appear in a step's arguments or results. With the default thread runner every simulated client
-shares one process (and one store); real separation needs clients on their own workers.
+and are dropped once the run (``"run"`` keys, and every client's identity) or the round
+(``"round"`` keys) is over. They never appear in a step's arguments or results. With the
+default thread runner every simulated client shares one process (and one store); real
+separation needs clients on their own workers.
+
+The key store also holds what the clients know of a run *without the server*
+(:mod:`fl.secagg.identity`): the run's directory of identity keys, in which each client
+publishes its own at setup, and the public parameters, which the parties layer enrols from the
+operator's configuration (:meth:`Parties.enroll`), never from a server's message.
 """
 
 from __future__ import annotations
@@ -25,24 +31,65 @@ from fedtune.fl.config import ClientConfig, FaultsConfig, FLConfig
 from fedtune.fl.data import ClientRef
 from fedtune.fl.exchange import Broadcast, Failures, TimedOut, reason
 from fedtune.fl.params import MaskedUpdate
+from fedtune.fl.secagg import scalars
 from fedtune.fl.secagg.bonawitz import (
     AdvertisedKeys,
     EncryptedShare,
     SecAggClient,
     UnmaskingResponse,
 )
-from fedtune.fl.secagg.primitives import FixedPoint
+from fedtune.fl.secagg.identity import Directory, Identity, Membership, PublicParameters
+from fedtune.fl.secagg.primitives import Segments
 from fedtune.fl.secagg.run_keys import PublicKey, Quorum, RunKeysClient, Unmasking
 
 Sleep = Callable[[float], None]
 
 
 class KeyStore:
-    """The protocol parties (and so the secrets) of the clients that run in this place."""
+    """The protocol parties (and so the secrets) of the clients that run in this place, with
+    each run's directory and public parameters."""
 
     def __init__(self) -> None:
         self._parties: dict[tuple[str, str], SecAggClient | RunKeysClient] = {}
+        self._members: dict[tuple[str, str], Membership] = {}
+        self._runs: dict[str, tuple[Directory, PublicParameters]] = {}
         self._lock = threading.Lock()
+
+    def enroll(self, session: str, parameters: PublicParameters) -> None:
+        """Open run ``session``'s directory, with its public parameters."""
+        with self._lock:
+            known = self._runs.setdefault(session, (Directory(), parameters))
+        if known[1] != parameters:
+            raise RuntimeError(f"session {session}: enrolled with other parameters")
+
+    def directory(self, session: str) -> Directory:
+        """Run ``session``'s directory."""
+        with self._lock:
+            run = self._runs.get(session)
+        if run is None:
+            raise RuntimeError(f"session {session}: not enrolled (no directory to publish in)")
+        return run[0]
+
+    def join(self, session: str, ref: ClientRef) -> Membership:
+        """The client's identity for run ``session``, fresh from the OS, published in the run's
+        directory by the client itself."""
+        directory = self.directory(session)
+        identity = Identity(ref.index)
+        directory.publish(ref.index, identity.public)
+        member = Membership(identity, directory, self._runs[session][1])
+        with self._lock:
+            self._members[(session, ref.client_id)] = member
+        return member
+
+    def member(self, session: str, ref: ClientRef) -> Membership:
+        with self._lock:
+            member = self._members.get((session, ref.client_id))
+        if member is None:
+            raise RuntimeError(
+                f"client {ref.client_id!r}: no identity in this run (it took no part in the "
+                "secure-aggregation setup, or it expired)"
+            )
+        return member
 
     def put(self, session: str, ref: ClientRef, party: SecAggClient | RunKeysClient) -> None:
         with self._lock:
@@ -66,8 +113,10 @@ class KeyStore:
         """Drop whatever keys a session left behind: a client discards its secrets once the run
         (or, for per-round keys, the round) is over, whether it answered or not."""
         with self._lock:
-            for key in [k for k in self._parties if k[0] == session]:
-                del self._parties[key]
+            for store in (self._parties, self._members):
+                for key in [k for k in store if k[0] == session]:
+                    del store[key]
+            self._runs.pop(session, None)
 
 
 def _train_and_mask(
@@ -78,26 +127,32 @@ def _train_and_mask(
     faults: FaultsConfig | None,
     attempt: int,
     sleep: Sleep,
+    codec: Segments,
     mask: Callable[[Any], Any],
 ) -> MaskedUpdate:
-    """Train, form the strategy's contribution and mask it; the scalars travel alongside, as in
-    a plain update."""
+    """Train, then mask the strategy's contribution and the scalars (count, loss, evaluation
+    sums) as one vector: nothing that depends on the client's data travels in the clear."""
     update = fl_faults.train(
         faults, ref, broadcast.params, broadcast.stats, cfg, round_num, attempt, sleep
     )
-    x = broadcast.contribution.vector(broadcast.params, update)
-    return MaskedUpdate(
-        update.client_id, mask(x), update.num_examples, update.metrics, update.evaluation
-    )
+    contribution = broadcast.contribution.vector(broadcast.params, update)
+    x = scalars.with_scalars(contribution, update, broadcast.stats, codec)
+    return MaskedUpdate(update.client_id, mask(x))
+
+
+# -- setup: every client's identity, and with keys once per run its key pair ------------------
+
+
+def make_keys(store: KeyStore, ref: ClientRef, session: str, run_keys: bool) -> PublicKey | None:
+    member = store.join(session, ref)
+    if not run_keys:
+        return None
+    party = RunKeysClient(member, session)  # fresh secrets from the OS, once per run
+    store.put(session, ref, party)
+    return party.public_key()
 
 
 # -- keys once per run (fl.secagg.run_keys) ----------------------------------------------------
-
-
-def make_run_keys(store: KeyStore, ref: ClientRef, session: str) -> PublicKey:
-    party = RunKeysClient(ref.index)  # fresh secrets from the OS, once per run
-    store.put(session, ref, party)
-    return party.public_key()
 
 
 def train_run_masked(
@@ -106,7 +161,7 @@ def train_run_masked(
     session: str,
     roster: list[PublicKey],
     quorum: Quorum,
-    codec: FixedPoint,
+    codec: Segments,
     broadcast: Broadcast,
     cfg: ClientConfig,
     round_num: int,
@@ -116,9 +171,16 @@ def train_run_masked(
 ) -> MaskedUpdate:
     party: RunKeysClient = store.get(session, ref)
     return _train_and_mask(
-        ref, broadcast, cfg, round_num, faults, attempt, sleep,
+        ref, broadcast, cfg, round_num, faults, attempt, sleep, codec,
         lambda x: party.masked_input(x, round_num, roster, quorum, codec),
     )  # fmt: skip
+
+
+def run_consistency(
+    store: KeyStore, ref: ClientRef, session: str, survivors: list[int], round_num: int
+) -> bytes:
+    party: RunKeysClient = store.get(session, ref)
+    return party.consistency(round_num, survivors)
 
 
 def run_unmasking(
@@ -127,20 +189,28 @@ def run_unmasking(
     inbox: dict[int, bytes],
     session: str,
     survivors: list[int],
-    dropped: list[int],
+    signatures: dict[int, bytes],
     round_num: int,
 ) -> Unmasking:
     party: RunKeysClient = store.get(session, ref)
-    return party.unmasking(round_num, survivors, dropped, inbox)
+    return party.unmasking(round_num, survivors, signatures, inbox)
 
 
 # -- fresh keys every round (fl.secagg.bonawitz) ------------------------------------------------
 
 
 def advertise_keys(
-    store: KeyStore, ref: ClientRef, session: str, threshold: int, codec: FixedPoint, round_num: int
+    store: KeyStore,
+    ref: ClientRef,
+    session: str,
+    run_session: str,
+    threshold: int,
+    codec: Segments,
+    round_num: int,
 ) -> AdvertisedKeys:
-    party = SecAggClient(ref.index, threshold, codec)  # fresh secrets from the OS, every round
+    member = store.member(run_session, ref)
+    # Fresh secrets from the OS every round; one key session per round and client.
+    party = SecAggClient(member, session, round_num, threshold, codec)
     store.put(session, ref, party)
     return party.advertise_keys()
 
@@ -167,9 +237,22 @@ def train_masked(
 ) -> MaskedUpdate:
     party: SecAggClient = store.get(session, ref)
     return _train_and_mask(
-        ref, broadcast, cfg, round_num, faults, attempt, sleep,
+        ref, broadcast, cfg, round_num, faults, attempt, sleep, party.codec,
         lambda x: party.masked_input(x, roster, inbox),
     )  # fmt: skip
+
+
+def consistency_check(
+    store: KeyStore,
+    ref: ClientRef,
+    inbox: list[EncryptedShare],
+    session: str,
+    roster: list[AdvertisedKeys],
+    survivors: list[int],
+    round_num: int,
+) -> bytes:
+    party: SecAggClient = store.get(session, ref)
+    return party.consistency_check(roster, inbox, survivors)
 
 
 def unmasking_shares(
@@ -179,22 +262,25 @@ def unmasking_shares(
     session: str,
     roster: list[AdvertisedKeys],
     survivors: list[int],
+    signatures: dict[int, bytes],
     round_num: int,
 ) -> UnmaskingResponse:
     try:
         party: SecAggClient = store.get(session, ref)
-        return party.unmasking_shares(roster, inbox, survivors)
+        return party.unmasking_shares(roster, inbox, survivors, signatures)
     finally:
         store.drop(session, ref)
 
 
 STEPS: dict[str, Callable[..., Any]] = {
-    "run-setup": make_run_keys,
+    "setup": make_keys,
     "run-train": train_run_masked,
+    "run-consistency": run_consistency,
     "run-unmask": run_unmasking,
     "round-keys": advertise_keys,
     "round-shares": share_keys,
     "round-train": train_masked,
+    "round-consistency": consistency_check,
     "round-unmask": unmasking_shares,
 }
 """Every client step, by the name the server calls it with."""
@@ -204,7 +290,14 @@ TRAINING_STEPS = frozenset({"run-train", "round-train"})
 
 
 class Parties(Protocol):
-    """How the secure-aggregation server reaches the clients for one protocol step."""
+    """How the secure-aggregation server reaches the clients for one protocol step, and how
+    the clients' side of a deployment learns a run's public parameters."""
+
+    def enroll(self, session: str) -> None:
+        """Open run ``session`` on the clients' side: its directory of identity keys, with the
+        public parameters of the configuration this object was made with (the operator's, not
+        anything the server sends)."""
+        ...
 
     def call(
         self,
@@ -230,6 +323,9 @@ class InProcessParties:
     def __init__(self, config: FLConfig):
         self.config = config
         self.store = KeyStore()
+
+    def enroll(self, session: str) -> None:
+        self.store.enroll(session, PublicParameters.of(self.config))
 
     def call(self, step, refs, shared, each=None, timeout=None):
         answered: dict[int, Any] = {}

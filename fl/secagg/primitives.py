@@ -1,14 +1,18 @@
 """Building blocks of secure aggregation, shared by :mod:`fl.secagg.bonawitz` and
-:mod:`fl.secagg.run_keys`: failing closed, fixed-point encoding into Z_(2^64), the PRG that
-expands mask seeds, key derivation and agreement, and Shamir sharing (of secrets over
-GF(2^521 - 1), and of 32-byte seeds, vectorised, over a small prime).
+:mod:`fl.secagg.run_keys`: failing closed, fixed-point encoding into Z_(2^64) (in segments of
+their own scale, :class:`Segments`), the PRG that expands mask seeds, key derivation and
+agreement, and Shamir sharing (of secrets over GF(2^521 - 1), and of 32-byte seeds, vectorised,
+over a small prime). Signing keys and the directory of public keys are in
+:mod:`fl.secagg.identity`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import secrets
+import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -103,6 +107,46 @@ class FixedPoint:
         )
 
 
+@dataclass(frozen=True)
+class Segments:
+    """A vector encoded in consecutive segments, each in its own :class:`FixedPoint`: values
+    of different magnitudes (a model update and a count, say) share one masked vector, each
+    segment with the bound and resolution its values need.
+
+    Parameters
+    ----------
+    parts : ``(length, codec)`` of each segment, in order.
+    """
+
+    parts: tuple[tuple[int, FixedPoint], ...]
+
+    @property
+    def size(self) -> int:
+        return sum(length for length, _ in self.parts)
+
+    def check_capacity(self, num_clients: int) -> None:
+        for _, codec in self.parts:
+            codec.check_capacity(num_clients)
+
+    def _split(self, x: np.ndarray) -> list[np.ndarray]:
+        if x.shape != (self.size,):
+            raise ValueError(f"x: expected {self.size} values, got shape {x.shape}")
+        bounds = np.cumsum([0] + [length for length, _ in self.parts])
+        return [x[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        pieces = self._split(np.asarray(x, dtype=np.float64))
+        return np.concatenate([c.encode(p) for (_, c), p in zip(self.parts, pieces, strict=True)])
+
+    def decode(self, v: np.ndarray) -> np.ndarray:
+        pieces = self._split(np.asarray(v, dtype=np.uint64))
+        return np.concatenate([c.decode(p) for (_, c), p in zip(self.parts, pieces, strict=True)])
+
+
+Codec = FixedPoint | Segments
+"""How the parties of a secure sum encode its vectors."""
+
+
 # --------------------------------------------------------------------------------------------
 # Primitives: PRG, key derivation, Shamir sharing
 
@@ -122,6 +166,14 @@ def prg(seed: bytes, size: int) -> np.ndarray:
     return np.frombuffer(encryptor.update(bytes(8 * size)), dtype=np.uint64)
 
 
+def prgs(seeds: Sequence[bytes], size: int) -> np.ndarray:
+    """``[prg(seed, size) for seed in seeds]`` as one ``(len(seeds), size)`` array."""
+    if size <= SHAKE_MAX_SIZE:
+        stream = b"".join(hashlib.shake_128(seed).digest(8 * size) for seed in seeds)
+        return np.frombuffer(stream, dtype=np.uint64).reshape(len(seeds), size)
+    return np.stack([prg(seed, size) for seed in seeds])
+
+
 def hkdf(material: bytes, info: bytes) -> bytes:
     """32 bytes derived from ``material`` for the purpose ``info`` (HKDF-SHA256, no salt)."""
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(material)
@@ -129,7 +181,7 @@ def hkdf(material: bytes, info: bytes) -> bytes:
 
 def id_bytes(*ids: int) -> bytes:
     """Client ids as 8-byte big-endian integers, to bind derived keys to the parties."""
-    return b"".join(i.to_bytes(8, "big") for i in ids)
+    return struct.pack(f">{len(ids)}Q", *ids)
 
 
 def agree(private: X25519PrivateKey, peer_public: bytes) -> bytes:
@@ -231,14 +283,22 @@ def split_seed(seed: bytes, threshold: int, xs: Sequence[int]) -> np.ndarray:
     below FIELD)."""
     if not 2 <= threshold <= MAX_COHORT:
         raise ValueError(f"threshold: must be between 2 and {MAX_COHORT} (got {threshold})")
-    points = np.asarray(xs, dtype=np.int64)
     coeffs = np.vstack(
         [_to_limbs(seed), _field_elements((threshold - 1) * LIMBS).reshape(-1, LIMBS)]
     )
+    return _vandermonde(tuple(xs), threshold) @ coeffs % FIELD
+
+
+@functools.lru_cache(maxsize=64)
+def _vandermonde(xs: tuple[int, ...], threshold: int) -> np.ndarray:
+    """``x^j mod FIELD`` for the points ``xs`` and ``j < threshold``: public, and the same for
+    every client of a round, so computed once."""
+    points = np.asarray(xs, dtype=np.int64)
     powers = np.ones((points.size, threshold), dtype=np.int64)
     for j in range(1, threshold):
         powers[:, j] = powers[:, j - 1] * points % FIELD
-    return powers @ coeffs % FIELD
+    powers.flags.writeable = False
+    return powers
 
 
 def rebuild_seeds(shares: np.ndarray, xs: Sequence[int]) -> list[bytes | None]:
