@@ -275,6 +275,13 @@ class PrivacyConfig(_Section):
     clipping_norm: float = Field(1.0, gt=0)
     """C: L2 bound on one client's update, in standardised units (the starting C with adaptive
     clipping)."""
+    statistics_clip_norm: float = Field(10.0, gt=0)
+    """C_s: under DP, the L2 bound on one client's vector of column means and standard
+    deviations (features and target), in data units. A client's vector beyond it is scaled
+    down, which shrinks the statistics; set a bound you know publicly (see docs/privacy.md)."""
+    statistics_noise_multiplier: float = Field(20.0, gt=0)
+    """z_s: under DP, the Gaussian noise on the feature statistics, relative to
+    ``statistics_clip_norm``. Part of the reported ε (20 costs ε ≈ 0.16 alone at δ = 1e-5)."""
     adaptive_clipping: bool = False
     """Move C towards the ``target_unclipped_quantile`` of update norms (Andrew et al., 2021)."""
     target_unclipped_quantile: float = Field(0.5, gt=0, lt=1)
@@ -291,8 +298,8 @@ class PrivacyConfig(_Section):
     each self mask (a committee drawn afresh every round; all of them in a smaller round), or
     ``"all"`` of them."""
     secagg_keys: Literal["run", "round"] = "run"
-    """``"run"``: each client's key pair is made once per run, then two exchanges per round;
-    ``"round"``: Bonawitz et al.'s protocol with fresh keys every round, four exchanges per
+    """``"run"``: each client's key pair is made once per run, then three exchanges per round;
+    ``"round"``: Bonawitz et al.'s protocol with fresh keys every round, five exchanges per
     round, which also recovers from dropouts at every step."""
 
     @property
@@ -338,6 +345,65 @@ class FaultsConfig(_Section):
     absolute value)."""
 
 
+class RunnerConfig(_Section):
+    """Where the flow's Prefect tasks run (see docs/operations.md). ``thread``: a thread pool in
+    the flow's process, right for small clients. ``dask``: prefect-dask's ``DaskTaskRunner``
+    (``pip install "fedtune[dask]"``) on a ``distributed`` cluster, an existing scheduler
+    (``address``) or a ``LocalCluster`` of ``n_workers`` processes started for the run, for
+    clients big enough to fill a core each; the server's own tasks (MLflow logging) stay in the
+    flow's process. Under ``dask`` a client named in ``silos`` runs only on workers that hold
+    its silo's resource (started with ``--resources "silo-3=1"``): its data is read there.
+    Secure aggregation runs on ``thread`` only, for now."""
+
+    kind: Literal["thread", "dask"] = "thread"
+    """``thread`` or ``dask``."""
+    address: str | None = None
+    """``dask``: the scheduler of a running cluster, e.g. ``tcp://10.0.0.5:8786``; unset: a
+    ``LocalCluster`` for the run."""
+    n_workers: int | None = Field(None, ge=1)
+    """``thread``: threads (unset: Prefect's ``PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS``,
+    else 1). ``dask`` without ``address``: the ``LocalCluster``'s worker processes, one thread
+    each (unset: one per core)."""
+    silos: dict[str, str] = {}
+    """``dask``: client id -> the Dask worker resource of its silo, e.g.
+    ``{"site-3" = "silo-3"}``: that client's tasks run only on workers started with
+    ``--resources "silo-3=1"``, and the run stops with one line if no worker has it. Clients
+    not named run on any worker."""
+
+    @model_validator(mode="after")
+    def _check(self) -> RunnerConfig:
+        if self.address is not None and self.n_workers is not None:
+            raise ValueError(
+                "runner.n_workers: sizes the LocalCluster of a run without runner.address; "
+                "set one of them"
+            )
+        if self.kind != "dask":
+            for key in ("address", "silos"):
+                if getattr(self, key):
+                    raise ValueError(f'runner.{key}: needs runner.kind = "dask"')
+        for client_id, resource in self.silos.items():
+            if not _RESOURCE.fullmatch(resource):
+                raise ValueError(
+                    f"runner.silos: {client_id!r} -> {resource!r} is not a Dask resource name "
+                    "(letters, digits, '-', '_', '.')"
+                )
+        return self
+
+    def check_privacy(self, privacy: PrivacyConfig) -> None:
+        """Secure aggregation keeps a client's secrets in the process that runs its tasks, from
+        one step of the protocol to the next; Dask ships each task's function to a worker by
+        value, with a fresh copy of that store every time, so the protocol could not finish."""
+        if privacy.secure_aggregation and self.kind == "dask":
+            raise ValueError(
+                'privacy.secure_aggregation: not available with runner.kind = "dask" yet (a '
+                "client's secrets must stay in one worker process between the protocol's "
+                'steps); use runner.kind = "thread"'
+            )
+
+
+_RESOURCE = re.compile(r"[A-Za-z0-9_.-]+")
+
+
 class FLConfig(_Section):
     """The whole configuration: one section per TOML table."""
 
@@ -348,6 +414,7 @@ class FLConfig(_Section):
     server: ServerConfig = ServerConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     faults: FaultsConfig = FaultsConfig()
+    runner: RunnerConfig = RunnerConfig()
 
     @model_validator(mode="after")
     def _check(self) -> FLConfig:
@@ -364,10 +431,29 @@ class FLConfig(_Section):
                 "rounds.min_clients: must be 1 under DP (a round's number of clients is private; "
                 f"an empty round adds noise only) (got {self.rounds.min_clients})"
             )
+        self._check_dp_decisions()
+        self.runner.check_privacy(self.privacy)
         from fedtune.fl.strategies import check_strategy
 
         check_strategy(self)
         return self
+
+    def _check_dp_decisions(self) -> None:
+        """Under DP, early stopping and promotion decide on the server's own held-out set (a
+        simulated source's central test set), never on the clients' un-noised scores: what
+        they decide is released. A files source has no such set, so both are refused."""
+        if not self.privacy.dp or self.data.source != "files":
+            return
+        for key, value in (
+            ("rounds.patience", self.rounds.patience),
+            ("experiment.register_as", self.experiment.register_as),
+        ):
+            if value is not None:
+                raise ValueError(
+                    f"{key}: under DP it needs a test set the server holds (simulated sources "
+                    "have one; a files source does not), since the clients' own scores are not "
+                    "noised; unset it"
+                )
 
     @property
     def injected_faults(self) -> FaultsConfig | None:

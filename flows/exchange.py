@@ -20,8 +20,15 @@ from fedtune.fl.exchange import Broadcast, Exchange, Failures, Returned
 from fedtune.fl.params import ClientUpdate, FeatureStats, ModelParams
 from fedtune.fl.statistics import StatsReport
 from fedtune.flows.outcomes import collect
+from fedtune.flows.runner import check_placement
 from fedtune.tasks import secure_aggregation as secagg_tasks
-from fedtune.tasks.client import client_statistics, final_report, train_client, train_clients
+from fedtune.tasks.client import (
+    Outcome,
+    client_statistics,
+    final_report,
+    train_client,
+    train_clients,
+)
 from prefect import unmapped
 from prefect.utilities.annotations import quote
 
@@ -46,10 +53,22 @@ def client_batches(
     return [sampled[a:b] for a, b in pairwise(bounds)]
 
 
+def placed_batches(
+    sampled: list[ClientRef], clients_per_task: int | Literal["auto"], silos: dict[str, str]
+) -> list[list[ClientRef]]:
+    """:func:`client_batches` within each silo (``runner.silos``; the clients no silo pins form
+    one group): a batch runs where all of its clients may run."""
+    groups: dict[str | None, list[ClientRef]] = {}
+    for ref in sampled:
+        groups.setdefault(silos.get(ref.client_id), []).append(ref)
+    return [batch for group in groups.values() for batch in client_batches(group, clients_per_task)]
+
+
 class PrefectExchange:
     """One Prefect task per client and step, run by the flow's task runner, or one task per
-    batch of a round's clients (:func:`client_batches`). Task inputs are quoted: Prefect need
-    not look inside references and parameter vectors."""
+    batch of a round's clients (:func:`placed_batches`). Task inputs are quoted: Prefect need
+    not look inside references and parameter vectors. Where a task runs is the task runner's
+    business (:mod:`flows.runner`: a silo's client on its own Dask workers)."""
 
     def __init__(self, config: FLConfig):
         self.config = config
@@ -58,6 +77,7 @@ class PrefectExchange:
         )
 
     def statistics(self, refs: list[ClientRef]) -> tuple[list[StatsReport], Failures]:
+        check_placement(self.config, refs)  # the run's first client tasks come next
         chunk = self.config.client.chunk_size
         answered, failures = collect(
             client_statistics.map([quote(ref) for ref in refs], unmapped(chunk)), refs
@@ -68,9 +88,11 @@ class PrefectExchange:
         return 0.0
 
     def train(self, sampled: list[ClientRef], broadcast: Broadcast, round_num: int) -> Returned:
-        batches = client_batches(sampled, self.config.rounds.clients_per_task)
+        batches = placed_batches(
+            sampled, self.config.rounds.clients_per_task, self.config.runner.silos
+        )
         if len(batches) < len(sampled):
-            return self._train_batches(batches, broadcast, round_num)
+            return self._train_batches(sampled, batches, broadcast, round_num)
         futures = self.trainer.map(
             [quote(ref) for ref in sampled],
             unmapped(quote(broadcast.params)),
@@ -83,12 +105,17 @@ class PrefectExchange:
         return Returned(list(answered.values()), failures)
 
     def _train_batches(
-        self, batches: list[list[ClientRef]], broadcast: Broadcast, round_num: int
+        self,
+        sampled: list[ClientRef],
+        batches: list[list[ClientRef]],
+        broadcast: Broadcast,
+        round_num: int,
     ) -> Returned:
         """One :func:`tasks.client.train_clients` task per batch. The round deadline applies
         to each client inside its task (its own time, as if it ran alone); here a batch gets
         the deadline once per client it holds, in series, after which its clients that have
-        not answered are left out as timed out (a thread cannot be interrupted)."""
+        not answered are left out as timed out (a thread cannot be interrupted). Outcomes
+        come back in sampled order, whatever the batches' order."""
         futures = train_clients.map(
             [quote(batch) for batch in batches],
             unmapped(quote(Broadcast(broadcast.params, broadcast.stats))),
@@ -101,16 +128,20 @@ class PrefectExchange:
         firsts = [batch[0] for batch in batches]
         answered, failed = collect(futures, firsts, timeout)
         why = dict(failed)
-        returned = Returned()
+        by_client: dict[str, Outcome] = {}
         for batch in batches:
             outcomes = answered.get(batch[0].index)
             if outcomes is None:
                 outcomes = [(ref.client_id, why[batch[0].client_id]) for ref in batch]
-            for outcome in outcomes:
-                if isinstance(outcome, ClientUpdate):
-                    returned.updates.append(outcome)
-                else:
-                    returned.failures.append(outcome)
+            for ref, outcome in zip(batch, outcomes, strict=True):
+                by_client[ref.client_id] = outcome
+        returned = Returned()
+        for ref in sampled:
+            outcome = by_client[ref.client_id]
+            if isinstance(outcome, ClientUpdate):
+                returned.updates.append(outcome)
+            else:
+                returned.failures.append(outcome)
         return returned
 
     def final(
@@ -141,6 +172,9 @@ class PrefectParties:
 
     def __init__(self, config: FLConfig):
         self.config = config
+
+    def enroll(self, session: str) -> None:
+        secagg_tasks.enroll(session, self.config)
 
     def call(
         self,

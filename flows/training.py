@@ -15,6 +15,7 @@ from fedtune.fl.engine import RoundFailed, Run, RunState
 from fedtune.fl.lifecycle import InitModel
 from fedtune.flows.exchange import open_exchange
 from fedtune.flows.reporting import RunReport, announce_setup
+from fedtune.flows.runner import ConfiguredTaskRunner
 from fedtune.tasks.tracking import (
     end_run,
     load_champion,
@@ -25,25 +26,9 @@ from fedtune.tasks.tracking import (
 )
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
 __all__ = ["RoundFailed", "TrainingResult", "federated_training"]
-
-
-def default_task_runner() -> ThreadPoolTaskRunner:
-    """Threads, as many as Prefect's ``PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS`` says,
-    else one.
-
-    One is the measured optimum for small clients: their tasks hold the GIL (Prefect's own
-    orchestration as much as ``partial_fit``), so more threads only contend. Clients that wait
-    on I/O gain from more. Any Prefect task runner (e.g. prefect-dask's ``DaskTaskRunner``)
-    plugs in with ``federated_training.with_options(task_runner=...)``.
-    """
-    from prefect.settings import get_current_settings
-
-    workers = get_current_settings().tasks.runner.thread_pool_max_workers
-    return ThreadPoolTaskRunner(max_workers=workers or 1)
 
 
 class TrainingResult(BaseModel):
@@ -75,6 +60,9 @@ class TrainingResult(BaseModel):
     """DP runs: z, the noise multiplier (calibrated from ``privacy.target_epsilon`` if unset)."""
     dp_sampling_rate: float | None = None
     """DP runs: q, the Poisson rate at which a client joins a round."""
+    dp_statistics_noise_multiplier: float | None = None
+    """DP runs: z_s, the noise multiplier of the feature statistics (their share is in
+    ``dp_epsilon``)."""
     secure_aggregation: bool = False
     history: list[dict[str, Any]]
 
@@ -82,7 +70,7 @@ class TrainingResult(BaseModel):
 @flow(
     name="federated-training",
     persist_result=False,
-    task_runner=default_task_runner(),
+    task_runner=ConfiguredTaskRunner(),  # config.runner's: threads or Dask
     log_prints=False,
 )
 def federated_training(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
@@ -83,9 +84,31 @@ class ExpectedFailureLog(logging.Filter):
         return self.show
 
 
+def log_placement(refs: list[ClientRef]) -> None:
+    """On a Dask worker, one line in the task run's log: which worker runs these clients
+    (``site-3 on Dask worker tcp://10.0.0.7:40211 (silo-3=1)``), what shows that a silo's
+    client ran on its own worker (``runner.silos``). Nothing elsewhere (threads)."""
+    if "distributed" not in sys.modules:  # a Dask worker has it loaded; threads need not
+        return
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):  # not on a Dask worker
+        return
+    resources = ", ".join(f"{k}={v:g}" for k, v in sorted(worker.state.total_resources.items()))
+    _logger().info(
+        "%s on Dask worker %s%s",
+        ", ".join(ref.client_id for ref in refs),
+        worker.address,
+        f" ({resources})" if resources else "",
+    )
+
+
 @task(name="client-statistics", task_run_name="stats-{ref.client_id}", **TASK_OPTIONS)
 @settles_expected_failures
 def client_statistics(ref: ClientRef, chunk_size: int) -> StatsReport:
+    log_placement([ref])
     return client.feature_moments(ref, chunk_size)
 
 
@@ -116,6 +139,7 @@ def train_client(
     round_num: int,
     faults: FaultsConfig | None = None,
 ) -> ClientUpdate:
+    log_placement([ref])
     return local_update(ref, global_params, stats, cfg, round_num, faults)
 
 
@@ -162,6 +186,7 @@ def train_clients(
     the client's own time, injected slowness counted, not slept). A client's failure is its
     outcome, never the batch's; a failure that is not :data:`EXPECTED` (a bug) is also logged
     with its traceback. One log line gives every client's outcome and seconds."""
+    log_placement(refs)
     exchange, logger = InProcess(config), _logger()
     outcomes: list[Outcome] = []
     lines = []
@@ -190,4 +215,5 @@ def final_report(
     champion: ModelParams | None,
     rounds: int,
 ) -> client.FinalReport:
+    log_placement([ref])
     return client.final_report(ref, params, stats, cfg, champion, rounds)

@@ -1,0 +1,197 @@
+"""Big silos on Dask: the flow on a LocalCluster of 2 workers against a sequential plain loop;
+prints one JSON object.
+
+    python benchmarks/bench_big_silos.py [--rows 1000000] [--clients 4] [--features 10]
+        [--rounds 5] [--chunk-size 65536] [--workers 2] [--cache DIR]
+
+The data: ``--clients`` Parquet files of ``--rows`` rows and ``--features`` features each
+(y = 2·x + 1 + 0.1·ε, float64), in row groups of ``--chunk-size`` rows, generated once into
+``--cache`` (default: ``fedtune-big-silos-ROWSxFEATURES`` in the system's temporary directory)
+and reused. Every client reads its file in chunks of ``client.chunk_size = --chunk-size`` rows
+(``partial_fit`` per chunk); ``--rounds`` rounds of 1 local epoch, every client every round.
+
+Both measured in one run, on the same files and configuration:
+
+- ``sequential_seconds``: the plain loop over ``fl``'s functions (:func:`fl.simulation.simulate`:
+  the round engine with every client in this process, one after another; no Prefect, no
+  MLflow);
+- ``dask_seconds``: the flow (Prefect tasks, MLflow tracking) with ``runner.kind = "dask"`` on a
+  ``LocalCluster`` of ``--workers`` single-threaded worker processes, started and warmed up
+  (its workers' imports done) beforehand, as a standing cluster at ``runner.address`` is;
+  ``cold_dask_seconds`` adds the cluster's start and warm-up, what ``runner.n_workers`` pays
+  in every run.
+
+Then ``ratio`` (``dask_seconds / sequential_seconds``, target ≤ 0.6), every worker's peak RSS
+(``ru_maxrss`` of its process, target ≤ 1 GiB), and the largest coefficient difference between
+the two models. Prefect's temporary server starts before and outside every measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
+
+TARGET_RATIO = 0.6
+TARGET_RSS_MIB = 1024
+
+
+def write_silos(directory: Path, clients: int, rows: int, features: int, group: int) -> Path:
+    """``site-0.parquet`` ... once (a ``.complete`` marker says the set is whole), written a
+    row group at a time so that generating them needs little memory either."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if (directory / ".complete").exists():
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    names = [f"x{j}" for j in range(features)] + ["y"]
+    schema = pa.schema([(name, pa.float64()) for name in names])
+    for i in range(clients):
+        rng = np.random.default_rng(1000 + i)
+        with pq.ParquetWriter(directory / f"site-{i}.parquet", schema) as writer:
+            for start in range(0, rows, group):
+                n = min(group, rows - start)
+                X = rng.standard_normal((n, features))
+                y = X @ np.full(features, 2.0) + 1.0 + 0.1 * rng.standard_normal(n)
+                columns = [*X.T, y]
+                writer.write_table(pa.Table.from_arrays(columns, schema=schema))
+    (directory / ".complete").write_text(f"{clients} x {rows} x {features}\n")
+    return directory
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident set (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _warm_up() -> None:
+    """A worker's imports, done before the measurement (a standing cluster's are)."""
+    import fedtune.flows.training  # noqa: F401
+    import fedtune.tasks.client  # noqa: F401
+    import prefect.task_engine  # noqa: F401
+
+
+def _dask_run(config, workers: int) -> dict:
+    from distributed import Client, LocalCluster
+    from fedtune.flows.training import federated_training
+
+    started = time.perf_counter()
+    with LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
+        with Client(cluster, set_as_default=False) as client:
+            client.wait_for_workers(workers)
+            client.run(_warm_up)
+            ready = time.perf_counter() - started
+            dask_config = config.model_copy(
+                update={
+                    "runner": config.runner.model_copy(
+                        update={"kind": "dask", "address": cluster.scheduler_address}
+                    )
+                }
+            )
+            start = time.perf_counter()
+            result = federated_training(dask_config)
+            seconds = time.perf_counter() - start
+            rss = client.run(_peak_rss_mib)
+    return {"seconds": seconds, "ready": ready, "result": result, "rss": rss}
+
+
+def run(args: argparse.Namespace) -> dict:
+    import logging
+
+    import numpy as np
+    from fedtune.fl.config import load_config
+    from fedtune.fl.simulation import simulate
+
+    logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
+    logging.getLogger("prefect.flow_runs").setLevel(logging.WARNING)
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    cache = args.cache or Path(tempfile.gettempdir()) / (
+        f"fedtune-big-silos-{args.clients}x{args.rows}x{args.features}-g{args.chunk_size}"
+    )
+    start = time.perf_counter()
+    data = write_silos(Path(cache), args.clients, args.rows, args.features, args.chunk_size)
+    generated = time.perf_counter() - start
+    work = Path(tempfile.mkdtemp(prefix="fedtune-bench-big-silos-"))
+    os.chdir(work)
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    config = load_config(
+        None,
+        [
+            "data.source=files",
+            f"data.path='{data}'",
+            "data.target=y",
+            f"rounds.num_rounds={args.rounds}",
+            "client.local_epochs=1",
+            f"client.chunk_size={args.chunk_size}",
+            f"experiment.tracking_uri='{uri}'",
+        ],
+    )
+    from mlflow import MlflowClient
+
+    MlflowClient(uri).search_experiments()  # migrations, outside the measurement
+
+    start = time.perf_counter()
+    plain = simulate(config)
+    sequential = time.perf_counter() - start
+    dask = _dask_run(config, args.workers)
+
+    result = dask["result"]
+    raw = plain.params.to_raw(plain.stats)
+    rss = {address: round(mib, 1) for address, mib in dask["rss"].items()}
+    ratio = dask["seconds"] / sequential
+    return {
+        "clients": args.clients,
+        "rows_per_client": args.rows,
+        "features": args.features,
+        "rounds": result.rounds_completed,
+        "local_epochs": 1,
+        "chunk_size": args.chunk_size,
+        "workers": args.workers,
+        "cpu_count": os.cpu_count(),
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+        "data_generation_seconds": round(generated, 2),
+        "sequential_seconds": round(sequential, 2),
+        "dask_seconds": round(dask["seconds"], 2),
+        "cluster_start_and_warm_up_seconds": round(dask["ready"], 2),
+        "cold_dask_seconds": round(dask["seconds"] + dask["ready"], 2),
+        "ratio": round(ratio, 3),
+        "cold_ratio": round((dask["seconds"] + dask["ready"]) / sequential, 3),
+        "worker_peak_rss_mib": rss,
+        "flow_process_peak_rss_mib": round(_peak_rss_mib(), 1),
+        "max_abs_coef_diff_vs_sequential": float(
+            np.max(np.abs(np.subtract(result.coef, raw.coef)))
+        ),
+        "target_ratio_met": ratio <= TARGET_RATIO,
+        "target_rss_met": max(dask["rss"].values()) <= TARGET_RSS_MIB,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--features", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--chunk-size", type=int, default=65_536)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--cache", type=Path, default=None)
+    args = parser.parse_args()
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        print(json.dumps(run(args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
