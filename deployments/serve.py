@@ -89,7 +89,8 @@ class DeployedToWorkPool(RuntimeError):
 
 
 def refuse_work_pool_deployments(deployments: Iterable[RunnerDeployment]) -> None:
-    """Raise :class:`DeployedToWorkPool` if any of ``deployments`` exists in a work pool.
+    """Raise :class:`DeployedToWorkPool` naming every one of ``deployments`` that exists in a
+    work pool, so that one look at the message says all there is to delete.
 
     Serving updates a deployment in place, and Prefect 3.9 leaves an update's unset fields as
     they were: the work pool stays, the pull steps go, and every run of the deployment then
@@ -98,6 +99,7 @@ def refuse_work_pool_deployments(deployments: Iterable[RunnerDeployment]) -> Non
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
+    pooled: dict[str, str] = {}
     with get_client(sync_client=True) as client:
         for deployment in deployments:
             name = f"{deployment.flow_name}/{deployment.name}"
@@ -106,10 +108,20 @@ def refuse_work_pool_deployments(deployments: Iterable[RunnerDeployment]) -> Non
             except ObjectNotFound:
                 continue
             if existing.work_pool_name:
-                raise DeployedToWorkPool(
-                    f"{name} is deployed to work pool {existing.work_pool_name!r}; serve it "
-                    f"after `prefect deployment delete {name}`, or run it with a worker"
-                )
+                pooled[name] = existing.work_pool_name
+    if pooled:
+        raise DeployedToWorkPool(_work_pool_refusal(pooled))
+
+
+def _work_pool_refusal(pooled: dict[str, str]) -> str:
+    """One line naming each deployment in a work pool (``{name: pool}``) and the commands that
+    free them all."""
+    where = " and ".join(
+        f"{name} is deployed to work pool {pool!r}" for name, pool in pooled.items()
+    )
+    delete = " && ".join(f"prefect deployment delete {name}" for name in pooled)
+    them = "it" if len(pooled) == 1 else "them"
+    return f"{where}; serve {them} after `{delete}`, or run {them} with a worker"
 
 
 def serve(names: Iterable[str] | None = None, limit: int | None = None) -> None:

@@ -79,6 +79,25 @@ def _parser() -> argparse.ArgumentParser:
         metavar="URI",
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
     )
+    audit.add_argument(
+        "--epsilon",
+        type=float,
+        metavar="EPS",
+        help="test this claimed epsilon instead of the run's own (a run without DP has none)",
+    )
+    audit.add_argument(
+        "--delta",
+        type=float,
+        metavar="DELTA",
+        help="with --epsilon: the claimed delta (default: the run's, else 0)",
+    )
+    audit.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="seed of the random split of clients into selection and scoring halves (default 0)",
+    )
     show = sub.add_parser("config", help="print the effective configuration as JSON and exit")
     show.add_argument("--config", "-c", metavar="FILE.toml")
     show.add_argument("--set", dest="overrides", action="append", default=[])
@@ -95,42 +114,98 @@ def _fail(kind: str, message: str, code: int) -> int:
     return code
 
 
-def _audit(run_id: str, uri: str) -> int:
-    import numpy as np
-    from fedtune.fl.audit import client_losses, membership_audit
-    from fedtune.fl.params import ModelParams
-    from fedtune.tasks.tracking import load_run, log_audit
+AUDIT_FAILED = 3
+"""Exit status of an audit whose attack beats the (epsilon, delta) bound."""
 
+
+def _audit(args: argparse.Namespace, uri: str) -> int:
+    from fedtune.fl.audit import client_losses, membership_audit, split_clients
+    from fedtune.tasks.tracking import load_released_models, load_run, log_audit
+
+    run_id = args.run
+    claim = _claim_problem(args)
+    if claim:
+        return _fail("config error", claim, 2)
     try:
         config, summary = load_run(uri, run_id)
-        raw = ModelParams(np.asarray(summary["coef"], dtype=np.float64), summary["intercept"])
-        members, others = client_losses(config, raw, summary["rounds_completed"])
+        released = load_released_models(uri, run_id)
+        if not released:
+            raise ValueError("it logged no model to attack")
+        names, models = zip(*released, strict=True)
+        members, others = client_losses(config, models)
+        split = split_clients(len(members), len(others), seed=args.seed)
     except Exception as exc:  # noqa: BLE001 -- any failure to load is reported in one line
-        return _fail("audit failed", f"run {run_id}: {exc}", 1)
-    result = membership_audit(
-        members, others, summary.get("dp_epsilon"), summary.get("dp_delta"), seed=0
-    ).to_dict()
-    log_audit(uri, run_id, result)
-    print(
-        f"membership audit of run {run_id}: advantage {result['advantage']:.4f}  "
-        f"AUC {result['auc']:.4f} (95% CI {result['auc_ci_low']:.4f}-{result['auc_ci_high']:.4f})"
-        f"  members {result['members']}  held-out {result['non_members']}"
-    )
-    if result["dp_advantage_bound"] is not None:
-        print(
-            f"(epsilon, delta) = ({result['dp_epsilon']:.4g}, {summary.get('dp_delta')}) "
-            f"bounds any attack's advantage by {result['dp_advantage_bound']:.4f}"
+        return _fail("audit failed", f"run {run_id}: {_first_line(exc)}", 1)
+    epsilon, delta = summary.get("dp_epsilon"), summary.get("dp_delta")
+    if args.epsilon is not None:
+        epsilon, delta = args.epsilon, args.delta if args.delta is not None else delta
+    result = membership_audit(names, members, others, split, epsilon, delta)
+    log_audit(uri, run_id, result.to_dict())
+    for line in _audit_lines(run_id, result, claimed=args.epsilon is not None):
+        print(line)
+    if not result.passed:
+        return _fail(
+            "audit",
+            f"run {run_id} leaks more than (ε, δ) = ({epsilon:.4g}, {delta or 0:g}) allows: "
+            f"the attack's advantage is at least {result.ci_low:.4f} (95% lower bound), above "
+            f"the bound {result.bound:.4f}",
+            AUDIT_FAILED,
         )
-    else:
-        print("the run was not differentially private: no bound applies")
     return 0
+
+
+def _claim_problem(args: argparse.Namespace) -> str | None:
+    if args.epsilon is None:
+        return "--delta: needs --epsilon" if args.delta is not None else None
+    if not args.epsilon >= 0:
+        return f"--epsilon: must be >= 0 (got {args.epsilon})"
+    if args.delta is not None and not 0 <= args.delta < 1:
+        return f"--delta: must be in [0, 1) (got {args.delta})"
+    return None
+
+
+def _audit_lines(run_id: str, result, claimed: bool) -> list[str]:
+    """The report: one line per released model, then the chosen attack and the verdict."""
+    lines = [
+        f"membership audit of run {run_id}: {len(result.models)} released model(s), "
+        f"{result.members} members and {result.non_members} held-out clients; thresholds and "
+        f"the model chosen on a selection half, scored on the other ({result.scored_members} "
+        f"+ {result.scored_non_members})",
+        f"  {'model':<12}{'threshold':>12}{'selection':>11}{'advantage':>11}"
+        f"{'95% CI':>18}{'AUC':>8}",
+    ]
+    lines += [
+        f"  {a.model:<12}{a.threshold:>12.4g}{a.selection_advantage:>11.4f}"
+        f"{a.advantage:>11.4f}{f'{a.ci_low:.3f} to {a.ci_high:.3f}':>18}{a.auc:>8.4f}"
+        for a in result.models
+    ]
+    lines.append(
+        f"chosen on the selection half: {result.model} (loss < {result.threshold:.4g}); "
+        f"advantage {result.advantage:.4f} (95% CI {result.ci_low:.4f} to "
+        f"{result.ci_high:.4f}), AUC {result.auc:.4f}"
+    )
+    if result.bound is None:
+        lines.append(
+            "the run was not differentially private: no bound applies (exit 0); "
+            "--epsilon tests a claimed epsilon"
+        )
+        return lines
+    whose = "the claimed" if claimed else "the run's"
+    lines.append(
+        f"{whose} (ε, δ) = ({result.dp_epsilon:.4g}, {result.dp_delta or 0:g}) bounds any "
+        f"attack's advantage by {result.dp_advantage_bound:.4f} between neighbouring "
+        f"populations, and this member-vs-held-out game's by {result.bound:.4f}"
+    )
+    if result.passed:
+        lines.append(f"pass: the lower bound {result.ci_low:.4f} is within {result.bound:.4f}")
+    return lines
 
 
 def _audit_command(args: argparse.Namespace) -> int:
     from fedtune.tasks.tracking import DEFAULT_TRACKING_URI
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    return _audit(args.run, uri)
+    return _audit(args, uri)
 
 
 def _resumed_config(args: argparse.Namespace):
@@ -295,8 +370,9 @@ def _registered_line(config, summary: dict) -> str:
     if not p:
         return line
     decision = "promoted to champion" if summary["promoted"] else "the champion stays"
-    challenger, champion = p["fedtune.challenger_fed_mse"], p["fedtune.champion_fed_mse"]
-    scores = f"fed_mse {float(challenger):.3g}"
+    challenger, champion = p["fedtune.challenger_mse"], p["fedtune.champion_mse"]
+    metric = "central_mse" if p.get("fedtune.promotion.scored_on") == "central" else "fed_mse"
+    scores = f"{metric} {float(challenger):.3g}"
     if champion:
         scores += f" vs the champion's {float(champion):.3g}"
     return f"{line}, {decision} ({p['fedtune.promotion.reason']}; {scores})"
@@ -319,7 +395,13 @@ def _print_summary(args: argparse.Namespace, config, result) -> None:
     if args.output:
         Path(args.output).write_text(result.model_dump_json(indent=2))
         print(f"summary: {args.output}")
-    print(f"view: mlflow ui --backend-store-uri {_tracking_uri(config)}")
+    from fedtune.tasks.tracking import run_url
+
+    uri = _tracking_uri(config)
+    if not uri.startswith(("http://", "https://")):
+        print(f"view: mlflow ui --backend-store-uri {uri}")
+    if url := run_url(uri, summary["run_id"]):
+        print(f"open: {url}")
 
 
 # -- before the run: what it is, and whether its services answer --------------------------------

@@ -46,6 +46,30 @@ def _experiment_of(uri: str, run_id: str) -> str:
     return _client(uri).get_run(run_id).info.experiment_id
 
 
+LOCAL_UI = "http://127.0.0.1:5000"
+"""Where ``mlflow ui --backend-store-uri URI`` serves a local store (its default address)."""
+
+TRAINING_VIEW = "workflowType=machine_learning"
+"""The query that opens MLflow 3.17's UI in its model-training view; without it (and until
+the user flips the toggle) an experiment opens on the GenAI view: traces, judges, agents."""
+
+
+def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str | None:
+    """The MLflow UI page of an experiment, or of one of its runs, in the model-training view:
+    on the tracking server itself, or where ``mlflow ui`` serves a local store; None for a
+    Databricks workspace, whose URLs differ."""
+    if uri.startswith("databricks"):
+        return None
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    page = f"experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base}/#/{page}?{TRAINING_VIEW}"
+
+
+def run_url(uri: str, run_id: str) -> str | None:
+    """:func:`ui_url` of a run."""
+    return ui_url(uri, _experiment_of(uri, run_id), run_id)
+
+
 @functools.cache
 def _pip_requirements() -> tuple[str, ...]:
     """Pinned so that logging a model never runs requirement inference (seconds per call)."""
@@ -54,23 +78,77 @@ def _pip_requirements() -> tuple[str, ...]:
     return tuple(f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "scikit-learn", "numpy", "skops"))
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+"""MLflow's own tag and value for a model-training (not GenAI) experiment, as its UI's
+experiment-kind selector writes them. MLflow 3.17's UI picks its view from the URL instead
+(:func:`ui_url`), earlier 3.x UIs from this tag; fedtune sets both."""
+
+COMPARED_PARAMS = (
+    "data.source",
+    "rounds.num_rounds",
+    "client.local_epochs",
+    "server.strategy",
+    "privacy.noise_multiplier",
+    "privacy.target_epsilon",
+    "privacy.secure_aggregation",
+    "experiment.seed",
+)
+"""Config keys every run logs as MLflow parameters, so that runs compare column by column."""
+
+
 @task(name="start-mlflow-run", **TASK_OPTIONS)
 def start_run(config: FLConfig, tags: dict[str, str]) -> str:
-    """Create the MLflow run (and experiment if needed); log the flattened config as params."""
+    """Create the MLflow run (and its model-training experiment if needed); log the parameters
+    a reader compares (:func:`run_params`) and the whole configuration as ``config.json``."""
     from mlflow.entities import Param
 
     uri = tracking_uri(config)
     client = _client(uri)
-    exp = client.get_experiment_by_name(config.experiment.name)
-    experiment_id = exp.experiment_id if exp else client.create_experiment(config.experiment.name)
+    experiment_id = _training_experiment(client, config.experiment.name)
     run = client.create_run(experiment_id, run_name=config.experiment.run_name, tags=tags)
-    params = [
-        Param(k, json.dumps(v) if isinstance(v, list | tuple) else str(v))
-        for k, v in config.flat().items()
-    ]
+    params = [Param(k, v) for k, v in run_params(config).items()]
     client.log_batch(run.info.run_id, params=params)
     client.log_dict(run.info.run_id, config.model_dump(mode="json"), "config.json")
     return run.info.run_id
+
+
+def _training_experiment(client, name: str) -> str:
+    """The id of experiment ``name``, created as a model-training experiment if missing; an
+    existing one without a kind is marked as one (a kind someone chose is left alone)."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+        except MlflowException as exc:  # another run created it meanwhile
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            exp = client.get_experiment_by_name(name)
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return exp.experiment_id
+
+
+def run_params(config: FLConfig) -> dict[str, str]:
+    """The MLflow parameters of a run: the :data:`COMPARED_PARAMS`, and every other key set
+    away from its default, as strings (lists as JSON).
+
+    Logging all of the configuration's keys buries the few that differ between runs among
+    dozens that never do; ``config.json`` holds them all.
+    """
+    flat, defaults = config.flat(), _default_flat()
+    return {
+        key: json.dumps(value) if isinstance(value, list | tuple) else str(value)
+        for key, value in flat.items()
+        if key in COMPARED_PARAMS or value != defaults.get(key)
+    }
+
+
+@functools.cache
+def _default_flat() -> dict[str, Any]:
+    return FLConfig().flat()
 
 
 def _pipeline(params: ModelParams, stats: FeatureStats, config: FLConfig, names: list[str]):
@@ -79,8 +157,18 @@ def _pipeline(params: ModelParams, stats: FeatureStats, config: FLConfig, names:
     return pipe
 
 
-def _log_model(uri: str, run_id: str, pipe, name: str, step: int, names: list[str]) -> str:
-    """Log ``pipe`` as an MLflow logged model of ``run_id`` at ``step``; return its URI."""
+def _log_model(
+    uri: str, run_id: str, pipe, name: str, names: list[str], step: int | None = None
+) -> str:
+    """Log ``pipe`` as an MLflow logged model whose source is ``run_id``; with ``step``, also
+    as the run's output at that step. Return its URI.
+
+    Only the final model is a run output. The run page lists a run's outputs in the order of
+    their model ids, which are random (MLflow's SQL store reads them by primary key), so twenty
+    round models there come out scrambled. As logged models of the run's experiment, named
+    ``round-001``... and created in round order, they list in order on the experiment's Models
+    tab (newest first), and the run page shows the one model a reader is looking for.
+    """
     import mlflow
     import pandas as pd
     from mlflow.models import infer_signature
@@ -94,15 +182,15 @@ def _log_model(uri: str, run_id: str, pipe, name: str, step: int, names: list[st
     model = client.create_logged_model(experiment_id, name=name, source_run_id=run_id)
     example = pd.DataFrame(np.zeros((1, len(names))), columns=names)
     signature = infer_signature(example, np.zeros(1))
+    output = {} if step is None else {"run_id": run_id, "step": step}
     info = mlflow.sklearn.log_model(
         pipe,
         name=name,
         model_id=model.model_id,
-        run_id=run_id,
-        step=step,
         signature=signature,
         pip_requirements=list(_pip_requirements()),
         serialization_format="skops",
+        **output,
     )
     return info.model_uri
 
@@ -118,20 +206,20 @@ def log_round(
     feature_names: list[str],
     checkpoint: dict[str, Any] | None = None,
 ) -> str | None:
-    """With ``params``, the round's global model as a logged model at ``step=round_num``; then
-    the metrics (``{step: {key: value}}``; non-numeric and non-finite values skipped) and the
-    round's checkpoint in one batch, which the store commits whole: a round's metrics and its
-    checkpoint land together or not at all, so a resumed run logs no round twice."""
+    """The round's checkpoint as an artifact, then the metrics (``{step: {key: value}}``;
+    non-numeric and non-finite values skipped) with the :data:`CHECKPOINT_TAG` pointing at it
+    in one batch, which the store commits whole: a round's metrics and its checkpoint land
+    together or not at all, so a resumed run logs no round twice. Then, with ``params``, the
+    round's global model as logged model ``round-NNN``: after the commit, so that a crash in
+    between loses that model rather than releasing round NNN twice (a resumed run trains the
+    rounds after its checkpoint afresh; under DP a second release of a round would be one the
+    accountant does not count)."""
     from mlflow.entities import Metric, RunTag
     from mlflow.utils.time import get_current_time_millis
 
     uri = tracking_uri(config)
+    client = _client(uri)
     model_uri = None
-    if params is not None and config.experiment.log_round_models:
-        pipe = _pipeline(params, stats, config, feature_names)
-        model_uri = _log_model(
-            uri, run_id, pipe, f"round-{round_num:03d}", round_num, feature_names
-        )
     now = get_current_time_millis()
     batch = [
         Metric(key, float(value), now, step)
@@ -139,13 +227,25 @@ def log_round(
         for key, value in values.items()
         if isinstance(value, int | float) and np.isfinite(value)
     ]
-    tags = [] if checkpoint is None else [RunTag(CHECKPOINT_TAG, json.dumps(checkpoint))]
+    tags = []
+    if checkpoint is not None:
+        path = f"checkpoints/round-{checkpoint['round']:03d}.json"
+        client.log_dict(run_id, checkpoint, path)
+        tags = [RunTag(CHECKPOINT_TAG, json.dumps({"round": checkpoint["round"], "path": path}))]
     if batch or tags:
-        _client(uri).log_batch(run_id, metrics=batch, tags=tags)
+        client.log_batch(run_id, metrics=batch, tags=tags)
+    if params is not None and config.experiment.log_round_models:
+        pipe = _pipeline(params, stats, config, feature_names)
+        model_uri = _log_model(uri, run_id, pipe, f"round-{round_num:03d}", feature_names)
     return model_uri
 
 
 CHECKPOINT_TAG = "fedtune.checkpoint"
+"""``{"round": 3, "path": "checkpoints/round-003.json"}``: the last completed round and its
+checkpoint artifact (global model, strategy and early-stopping state, the accountant). The
+checkpoint itself is an artifact, out of the run's tags; this tag is the commit mark, set with
+the round's metrics after the artifact is written, so a crash in between leaves the previous
+round's checkpoint in force."""
 
 
 @task(name="load-checkpoint", **TASK_OPTIONS)
@@ -157,7 +257,9 @@ def load_checkpoint(config: FLConfig, run_id: str) -> tuple[dict[str, Any], list
     raw = run.data.tags.get(CHECKPOINT_TAG)
     if raw is None:
         raise ValueError(f"--resume {run_id}: the run has no completed round to resume from")
-    checkpoint = json.loads(raw)
+    mark = json.loads(raw)
+    # Runs logged before checkpoints became artifacts hold the checkpoint in the tag itself.
+    checkpoint = _read_json(client, run_id, mark["path"]) if "path" in mark else mark
     history: dict[int, dict[str, Any]] = {
         r: {"round": r} for r in range(1, checkpoint["round"] + 1)
     }
@@ -171,13 +273,13 @@ def load_checkpoint(config: FLConfig, run_id: str) -> tuple[dict[str, Any], list
 
 def load_run_config(uri: str, run_id: str) -> FLConfig:
     """The exact configuration a fedtune run started with (its ``config.json``)."""
-    import mlflow.artifacts
+    return FLConfig.model_validate(_read_json(_client(uri), run_id, "config.json"))
 
+
+def _read_json(client, run_id: str, path: str) -> Any:
+    """A JSON artifact of ``run_id``."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path="config.json", dst_path=tmp, tracking_uri=uri
-        )
-        return FLConfig.model_validate(json.loads(Path(path).read_text()))
+        return json.loads(Path(client.download_artifacts(run_id, path, tmp)).read_text())
 
 
 def _convergence_figure(history: list[dict[str, Any]], baseline: float | None):
@@ -202,7 +304,8 @@ def _convergence_figure(history: list[dict[str, Any]], baseline: float | None):
     ax.set_ylabel("MSE")
     ax.set_yscale("log")
     ax.set_title("fedtune convergence")
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     fig.tight_layout()
     return fig
 
@@ -231,7 +334,7 @@ def log_final(
     client = _client(uri)
     last_round = history[-1]["round"] if history else 0
     pipe = _pipeline(params, stats, config, feature_names)
-    model_uri = _log_model(uri, run_id, pipe, "final", last_round, feature_names)
+    model_uri = _log_model(uri, run_id, pipe, "final", feature_names, step=last_round)
     fig = _convergence_figure([h for h in history if h["round"] > 0], baseline)
     client.log_figure(run_id, fig, "convergence.png")
     plt.close(fig)
@@ -345,8 +448,47 @@ def load_run(uri: str, run_id: str) -> tuple[FLConfig, dict[str, Any]]:
     return config, summary
 
 
+def load_released_models(uri: str, run_id: str) -> list[tuple[str, ModelParams]]:
+    """Every model ``run_id`` logged, as ``(name, raw-unit parameters)``: the rounds' models
+    (``round-001``, ...) in round order, then the final one. A round logged twice (a resumed
+    run that repeated it) is released twice, so it is returned twice, the second named
+    ``round-003#2``. Models whose upload did not finish are left out."""
+    from mlflow.entities import LoggedModelStatus
+
+    client = _client(uri)
+    found, token = [], None
+    while True:
+        page = client.search_logged_models(
+            [_experiment_of(uri, run_id)],
+            filter_string=f"source_run_id = '{run_id}'",
+            page_token=token,
+        )
+        found += [m for m in page if m.status == LoggedModelStatus.READY]
+        token = page.token
+        if not token:
+            break
+
+    released, seen = [], {}
+    for model in sorted(found, key=_release_order):
+        seen[model.name] = seen.get(model.name, 0) + 1
+        name = model.name if seen[model.name] == 1 else f"{model.name}#{seen[model.name]}"
+        pipe = _load_pipeline(uri, f"models:/{model.model_id}")
+        released.append((name, InitModel.from_pipeline(pipe).raw))
+    return released
+
+
+def _release_order(model) -> tuple[int, int, int]:
+    """Round models by round number, then the rest (the final model); each by creation time."""
+    number = model.name.removeprefix("round-")
+    if number != model.name and number.isdigit():
+        return (0, int(number), model.creation_timestamp)
+    return (1, 0, model.creation_timestamp)
+
+
 def log_audit(uri: str, run_id: str, result: dict[str, Any]) -> None:
-    """The membership audit's numbers as ``audit_*`` metrics and ``audit.json``."""
+    """The membership audit's numbers as ``audit_*`` metrics (its top-level numbers, the
+    decision as ``audit_passed`` 1 or 0) and all of it, every model's attack included, as
+    ``audit.json``."""
     from mlflow.entities import Metric
     from mlflow.utils.time import get_current_time_millis
 

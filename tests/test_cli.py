@@ -46,6 +46,9 @@ def test_fedtune_run_needs_no_server_and_prints_no_errors(tmp_path):
     summary = json.loads((tmp_path / "s.json").read_text())
     assert {"run_id", "model_uri", "coef", "intercept", "history"} <= set(summary)
     assert len(summary["history"]) == 3
+    # A new store's first experiment is 1; the link opens the run in the model-training view.
+    run_page = f"http://127.0.0.1:5000/#/experiments/1/runs/{summary['run_id']}"
+    assert f"open: {run_page}?workflowType=machine_learning" in proc.stdout
     assert (tmp_path / "mlflow.db").exists()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
