@@ -459,7 +459,7 @@ def test_a_config_the_flow_rejects_fails_the_run_before_any_round(worker, mlflow
 
 
 def test_nightly_finetune_promotes_then_finetunes_from_its_champion(worker, mlflow_store, tmp_path):
-    # Two triggered nightly runs (5 rounds each) against one store: the first has no champion
+    # Two triggered nightly runs (3 rounds each) against one store: the first has no champion
     # and trains from scratch; the second starts from that champion.
     nightly = load_config(REPO / CONFIG_FILES["nightly-finetune"])
     name = nightly.experiment.register_as
@@ -467,7 +467,7 @@ def test_nightly_finetune_promotes_then_finetunes_from_its_champion(worker, mlfl
         nightly.experiment.name, artifact_location=str(tmp_path / "nightly-artifacts")
     )
     config = deployment_parameters(
-        REPO / CONFIG_FILES["nightly-finetune"], ["rounds.num_rounds=5", "rounds.patience=99"]
+        REPO / CONFIG_FILES["nightly-finetune"], ["rounds.num_rounds=3", "rounds.patience=99"]
     )["config"]
 
     def trigger() -> Run:
@@ -494,11 +494,11 @@ def test_nightly_finetune_promotes_then_finetunes_from_its_champion(worker, mlfl
     assert first.data.tags["fedtune.promotion"] == "promoted"
     champion = mlflow_store.client.get_model_version_by_alias(name, "champion")
     assert champion.run_id == first.info.run_id
-    champion_score = fed_mse(first, 5)
+    champion_score = fed_mse(first, 3)
 
     second = trigger()
     assert fed_mse(second, 0, "initial_fed_mse") == pytest.approx(champion_score, rel=1e-9)
-    challenger = fed_mse(second, 5)
+    challenger = fed_mse(second, 3)
     assert challenger <= champion_score
     promoted = challenger <= champion_score * (1 - nightly.experiment.promote_margin)
     assert second.data.tags["fedtune.promotion"] == ("promoted" if promoted else "kept-champion")

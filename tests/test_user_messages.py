@@ -194,7 +194,10 @@ def test_a_dp_run_says_its_plan_and_what_it_spent_and_writes_both(
     ]
     proc, out = _run_ok(tmp_path, prefect_api_url, mlflow_template, sets)
     assert "reading 10 clients' feature statistics…" in out
-    planned = re.search(r"privacy: DP-FedAvg z=1, q=0.5, δ=1e-05, ε=([\d.]+) over 2 rounds", out)
+    planned = re.search(
+        r"privacy: DP-FedAvg z=1, q=0.5, δ=1e-05, statistics z_s=20, ε=([\d.]+) over 2 rounds",
+        out,
+    )
     assert planned and "(planned)" in out, out
     spent = re.search(
         r"^privacy: \(ε, δ\) = \(([\d.]+), 1e-05\) spent over 2 rounds \(z=1, q=0.5\)$",
