@@ -518,8 +518,9 @@ def test_serve_runs_the_same_deployments_without_a_worker(deployed, mlflow_store
         assert f"{FLOW}/{name} is deployed to work pool '{POOL}'" in line
         assert f"prefect deployment delete {FLOW}/{name}" in line
 
-    for name in CONFIG_FILES:
-        deployed.cli("deployment", "delete", f"{FLOW}/{name}")
+    with deployed.client() as client:  # what `prefect deployment delete` does, without its CLI
+        for name in CONFIG_FILES:
+            client.delete_deployment(client.read_deployment_by_name(f"{FLOW}/{name}").id)
     with _process(serve, env, deployed.home / "serve.log") as proc, deployed.client() as client:
         from prefect.exceptions import ObjectNotFound
 
