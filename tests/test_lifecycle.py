@@ -77,6 +77,18 @@ def test_champion_challenger_lifecycle(prefect_api, mlflow_uri):
 
     _assert_prefect_artifacts(client.get_run(third.run_id).data.tags["prefect.flow_run_id"])
 
+    # A model of another feature space cannot be fine-tuned: refused before any round.
+    with pytest.raises(
+        ValueError, match=r"experiment\.init_model: .* has 1 features, the clients have 3"
+    ):
+        federated_training(
+            _config(
+                "rounds.num_rounds=2",
+                "data.num_features=3",
+                f"experiment.init_model='{third.run_id}'",
+            )
+        )
+
 
 def _assert_prefect_artifacts(flow_run_id: str) -> None:
     from prefect.client.orchestration import get_client
@@ -91,17 +103,3 @@ def _assert_prefect_artifacts(flow_run_id: str) -> None:
     assert {"fedtune-summary", "fedtune-rounds"} <= set(by_key)
     summary = by_key["fedtune-summary"].data
     assert "kept-champion" in summary and "federated eval MSE" in summary
-
-
-def test_init_model_with_another_feature_space_is_refused(prefect_api, mlflow_uri):
-    base = federated_training(_config("rounds.num_rounds=2"))
-    with pytest.raises(
-        ValueError, match=r"experiment\.init_model: .* has 1 features, the clients have 3"
-    ):
-        federated_training(
-            _config(
-                "rounds.num_rounds=2",
-                "data.num_features=3",
-                f"experiment.init_model='{base.run_id}'",
-            )
-        )
