@@ -232,6 +232,17 @@ def early_stop_message(config: FLConfig, history: list[dict[str, Any]], stopped_
     last scored one (round ``stopped_in``'s updates are not aggregated)."""
     kept = history[-1]
     patience, tolerance = config.rounds.patience or 1, config.rounds.tolerance
+    if config.privacy.dp:  # decided on the server's held-out set; the last round is kept
+        rounds = (
+            f"round {stopped_in}"
+            if patience == 1
+            else f"rounds {stopped_in - patience + 1}–{stopped_in}"
+        )
+        by = f" by {tolerance * 100:g}%" if tolerance else ""
+        return (
+            f"early stop: {rounds} did not improve central_mse{by}; keeping round "
+            f"{stopped_in}'s model (central_mse {kept['central_mse']:.3g})"
+        )
     last = kept["round"]
     rounds = f"round {last}" if patience == 1 else f"rounds {last - patience + 1}–{last}"
     by = f" by {tolerance * 100:g}%" if tolerance else ""

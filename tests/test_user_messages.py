@@ -95,6 +95,14 @@ def test_early_stop_names_the_rounds_the_metric_and_the_model_kept():
         "early stop: rounds 3–4 did not improve fed_mse by 5%; keeping round 4's model "
         "(fed_mse 0.41; round 3 scored 0.39); round 5's updates discarded"
     )
+    # Under DP the stop is decided on central_mse after the round, whose model is kept (the
+    # clients' un-noised fed_mse is neither used nor there for the stopped round).
+    dp = load_config(None, ["rounds.patience=1", "privacy.noise_multiplier=1.0"])
+    central = [{"round": 1, "central_mse": 0.5}, {"round": 2, "central_mse": 0.52}]
+    assert early_stop_message(dp, central, 2) == (
+        "early stop: round 2 did not improve central_mse; keeping round 2's model "
+        "(central_mse 0.52)"
+    )
 
 
 # -- pure: one-line errors before anything starts ------------------------------------------------
