@@ -229,23 +229,19 @@ def planned_privacy(config: FLConfig, run: Run) -> str:
 
 def early_stop_message(config: FLConfig, history: list[dict[str, Any]], stopped_in: int) -> str:
     """Which rounds did not improve, by how much they had to, and which model is kept: the
-    last scored one (round ``stopped_in``'s updates are not aggregated)."""
+    last scored one (round ``stopped_in``'s updates are not aggregated), or under DP round
+    ``stopped_in``'s own, scored on the server's held-out set."""
     kept = history[-1]
     patience, tolerance = config.rounds.patience or 1, config.rounds.tolerance
-    if config.privacy.dp:  # decided on the server's held-out set; the last round is kept
-        rounds = (
-            f"round {stopped_in}"
-            if patience == 1
-            else f"rounds {stopped_in - patience + 1}–{stopped_in}"
-        )
-        by = f" by {tolerance * 100:g}%" if tolerance else ""
-        return (
-            f"early stop: {rounds} did not improve central_mse{by}; keeping round "
-            f"{stopped_in}'s model (central_mse {kept['central_mse']:.3g})"
-        )
-    last = kept["round"]
+    dp = config.privacy.dp  # decided on the server's held-out set; the stopped round is kept
+    last = stopped_in if dp else kept["round"]
     rounds = f"round {last}" if patience == 1 else f"rounds {last - patience + 1}–{last}"
     by = f" by {tolerance * 100:g}%" if tolerance else ""
+    if dp:
+        return (
+            f"early stop: {rounds} did not improve central_mse{by}; keeping round {last}'s "
+            f"model (central_mse {kept['central_mse']:.3g})"
+        )
     best = min((h for h in history if "fed_mse" in h), key=lambda h: h["fed_mse"])
     better = (
         f"; round {best['round']} scored {best['fed_mse']:.3g}"

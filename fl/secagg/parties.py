@@ -82,28 +82,24 @@ class KeyStore:
         return member
 
     def member(self, session: str, ref: ClientRef) -> Membership:
-        with self._lock:
-            member = self._members.get((session, ref.client_id))
-        if member is None:
-            raise RuntimeError(
-                f"client {ref.client_id!r}: no identity in this run (it took no part in the "
-                "secure-aggregation setup, or it expired)"
-            )
-        return member
+        return self._lookup(self._members, session, ref, "identity in this run", "setup")
 
     def put(self, session: str, ref: ClientRef, party: SecAggClient | RunKeysClient) -> None:
         with self._lock:
             self._parties[(session, ref.client_id)] = party
 
     def get(self, session: str, ref: ClientRef) -> Any:
+        return self._lookup(self._parties, session, ref, "secure-aggregation keys", "key setup")
+
+    def _lookup(self, table: dict, session: str, ref: ClientRef, what: str, step: str) -> Any:
         with self._lock:
-            party = self._parties.get((session, ref.client_id))
-        if party is None:
+            found = table.get((session, ref.client_id))
+        if found is None:
             raise RuntimeError(
-                f"client {ref.client_id!r}: no secure-aggregation keys (it took no part in the "
-                "key setup, or they expired)"
+                f"client {ref.client_id!r}: no {what} (it took no part in the "
+                f"secure-aggregation {step}, or it expired)"
             )
-        return party
+        return found
 
     def drop(self, session: str, ref: ClientRef) -> None:
         with self._lock:
