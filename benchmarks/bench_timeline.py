@@ -82,13 +82,16 @@ bare()
 print("bare: flow returned", flush=True)
 """
 
-SERVER_LINE = re.compile(r"Starting temporary server on (http://\S+)")
+# Prefect's own line, and fedtune's (it starts the same server itself, on its first line).
+SERVER_LINE = re.compile(
+    r"(?:Starting temporary server on|temporary local server at) (http://[^\s;)]+)"
+)
 
 # (event, pattern of the first line that marks it); `None` as the pattern: not on every run.
 EVENTS = {
     "fedtune": [
-        ("config_checked", r"fedtune: starting Prefect"),
         ("prefect_server_starting", SERVER_LINE.pattern),
+        ("prepared", r"fedtune: waiting for Prefect's temporary server"),
         ("flow_run_begins", r"Beginning flow run"),
         ("mlflow_store_creating", r"Creating initial MLflow database tables"),
         ("mlflow_store_ready", r"reading \d+ clients' feature statistics"),
@@ -218,8 +221,7 @@ def _intervals(events: dict[str, float | None], pairs: list[tuple[str, str, str]
 
 
 FEDTUNE_INTERVALS = [
-    ("before_prefect_import", "process_start", "config_checked"),
-    ("prefect_import_to_server_start", "config_checked", "prefect_server_starting"),
+    ("process_start_to_server_start", "process_start", "prefect_server_starting"),
     ("server_start_to_api_ready", "prefect_server_starting", "prefect_api_ready"),
     ("api_ready_to_flow_run", "prefect_api_ready", "flow_run_begins"),
     ("flow_run_to_mlflow_store_ready", "flow_run_begins", "mlflow_store_ready"),

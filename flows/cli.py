@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import re
@@ -493,19 +494,21 @@ def _prefect_problem(api: str | None) -> tuple[str, str, int] | None:
     )
 
 
-def _announce_prefect(api: str | None) -> None:
-    if api is not None:
-        say(f"using the Prefect API at {api}…")
-        return
+def _first_start() -> bool:
+    """Whether a temporary server would set up a new database (its first start in this
+    ``PREFECT_HOME``); asked before the server starts, which creates the database."""
     home = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()
-    first = (
-        "; its first start in a new PREFECT_HOME sets up a database, about 20 s"
-        if not (home / "prefect.db").exists()
+    return (
+        not (home / "prefect.db").exists()
         and not os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL")
         and not os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL")
-        else ""
     )
-    say(f"starting Prefect (a temporary local server{first})…")
+
+
+def _announce_server(server, first: bool) -> None:
+    first_note = "; its first start in a new PREFECT_HOME sets up a database, about 20 s"
+    where = server.api_url.removesuffix("/api")
+    say(f"starting Prefect (a temporary local server at {where}{first_note if first else ''})…")
 
 
 # -- during the run: expected failures are one line --------------------------------------------
@@ -577,20 +580,54 @@ def _quiet_expected_failures(verbose: bool) -> None:
 
 def _run_command(args: argparse.Namespace) -> int:
     say(_checking_line(args))  # before anything slow: the first line comes at once
+    api = _prefect_api_url()
+    server, first = None, _first_start()
+    if api is None:
+        # Started before anything slow, so that it starts while the configuration is checked,
+        # the flow imported and the MLflow store created (flows/prefect_server.py). It stops
+        # at exit, after Prefect has sent its last logs and events.
+        _quiet_temporary_server()
+        server = _start_server()
+        _announce_server(server, first)
+    try:
+        return _checked_run(args, api, server)
+    finally:
+        if server is not None and not server.used:
+            # Nothing ran on it: stop it now, and leave the environment as it was (this
+            # process may call main() again).
+            server.stop()
+            os.environ.pop("PREFECT_API_URL", None)
+
+
+def _start_server():
+    from fedtune.flows.prefect_server import TemporaryServer
+
+    server = TemporaryServer().start()
+    # Before Prefect is imported: its settings are read once, at import.
+    os.environ["PREFECT_API_URL"] = server.api_url
+    return server
+
+
+def _checked_run(args: argparse.Namespace, api: str | None, server) -> int:
     config = _checked_config(args, announce=say)
     if config is None:
         return 2
-    api = _prefect_api_url()
     # Prefect first: the MLflow check announces a store it is about to create.
     problem = _prefect_problem(api) or _mlflow_problem(_tracking_uri(config))
     if problem is not None:
         return _fail(*problem)
-    _quiet_temporary_server()
-    _announce_prefect(api)
+    if api is not None:
+        say(f"using the Prefect API at {api}…")
     from fedtune.flows.training import federated_training
+    from fedtune.tasks.tracking import prepare_logging
 
+    prepare_logging(_tracking_uri(config))
+    if server is not None and (problem := _server_problem(server)) is not None:
+        return _fail(*problem)
     _quiet_task_logs(args.verbose)
     _quiet_expected_failures(args.verbose)
+    if server is not None:
+        server.used = True  # stopped at exit, after Prefect's last logs and events
     try:
         result = federated_training(config, resume_run_id=args.resume)
     except Exception as exc:
@@ -602,6 +639,19 @@ def _run_command(args: argparse.Namespace) -> int:
         return _fail(*failure)
     _print_summary(args, config, result)
     return 0
+
+
+def _server_problem(server) -> tuple[str, str, int] | None:
+    from fedtune.flows.prefect_server import ServerFailed
+
+    timeout = float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
+    if not server.ready():
+        say("waiting for Prefect's temporary server…")
+    try:
+        server.wait(timeout)
+    except ServerFailed as exc:
+        return ("Prefect API", str(exc), 1)
+    return None
 
 
 _COMMANDS = {"audit": _audit_command, "config": _config_command, "run": _run_command}
@@ -619,5 +669,35 @@ def main(argv: list[str] | None = None) -> int:
     return _COMMANDS[args.command](args)
 
 
+_exit_code = 1
+"""What :func:`entry` exits with: ``main``'s return, else 1 (an uncaught exception)."""
+
+
+def _exit_now() -> None:
+    """The last exit handler of the ``fedtune`` process: the others (Prefect sending its last
+    logs and events, then the temporary server stopping) have run; end the process here,
+    without tearing down the interpreter, which takes seconds after a run has loaded Prefect,
+    MLflow and scikit-learn and releases nothing the operating system does not."""
+    logging.shutdown()  # registered before this handler, so it would run after it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_exit_code)
+
+
+def entry() -> None:
+    """The ``fedtune`` command (``main`` is for callers in-process)."""
+    global _exit_code
+    atexit.register(_exit_now)  # first registered, last run
+    try:
+        _exit_code = main()
+    except SystemExit as exc:  # argparse's errors and --help
+        _exit_code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        raise
+    except KeyboardInterrupt:
+        _exit_code = 130  # what a shell reports for Ctrl-C
+        raise
+    sys.exit(_exit_code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -9,7 +9,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import tempfile
+import threading
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,20 @@ def _client(uri: str):
     from mlflow import MlflowClient
 
     return MlflowClient(uri)
+
+
+def prepare_logging(uri: str) -> None:
+    """Open the MLflow store at ``uri`` (a new SQLite store creates its tables here) and load
+    what logging a model and drawing the convergence plot need (modules, fonts), so that
+    none of it waits inside the run: ``fedtune run`` calls this while Prefect's temporary
+    server starts."""
+    import matplotlib.pyplot as plt
+    import mlflow.sklearn  # noqa: F401
+    import skops.io  # noqa: F401
+    from mlflow.models import infer_signature  # noqa: F401
+
+    _client(uri).search_experiments(max_results=1)
+    plt.close(_convergence_figure([{"round": 1, "fed_mse": 1.0}], 0.5))
 
 
 @functools.lru_cache(maxsize=64)
@@ -195,6 +212,66 @@ def _log_model(
     return info.model_uri
 
 
+_TEMPLATES: dict[tuple[str, ...], tempfile.TemporaryDirectory] = {}
+_TEMPLATES_LOCK = threading.Lock()
+
+
+def _model_template(pipe, names: list[str]) -> Path:
+    """An MLflow model directory of ``pipe`` (``mlflow.sklearn.save_model``: MLmodel with the
+    signature, environment files, ``model.skops``), saved once per process and feature names.
+    Round models differ only in their coefficients and their ids; the environment files and
+    the signature, whose making (resolving and checking the pip requirements) costs most of a
+    ``log_model``, are the same for all of them."""
+    import mlflow.sklearn
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    key = tuple(names)
+    with _TEMPLATES_LOCK:
+        if key not in _TEMPLATES:
+            holder = tempfile.TemporaryDirectory(prefix="fedtune-model-")
+            example = pd.DataFrame(np.zeros((1, len(names))), columns=names)
+            mlflow.sklearn.save_model(
+                pipe,
+                Path(holder.name) / "model",
+                signature=infer_signature(example, np.zeros(1)),
+                pip_requirements=list(_pip_requirements()),
+                serialization_format="skops",
+            )
+            _TEMPLATES[key] = holder
+        return Path(_TEMPLATES[key].name) / "model"
+
+
+def _log_round_model(uri: str, run_id: str, pipe, name: str, names: list[str]) -> str:
+    """Log ``pipe`` as logged model ``name`` of the run's experiment, as ``log_model`` would
+    (same files, same MLmodel fields, status READY), from :func:`_model_template` with this
+    round's ``model.skops`` and ids."""
+    import skops.io
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.models import Model
+
+    client = _client(uri)
+    template = _model_template(pipe, names)
+    model = client.create_logged_model(_experiment_of(uri, run_id), name=name, source_run_id=run_id)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model"
+            shutil.copytree(template, path)
+            skops.io.dump(pipe, path / "model.skops")
+            meta = Model.load(path / "MLmodel")
+            meta.artifact_path = model.artifact_location
+            meta.model_uuid = meta.model_id = model.model_id
+            meta.utc_time_created = str(datetime.now(UTC).replace(tzinfo=None))
+            meta.model_size_bytes = (path / "model.skops").stat().st_size  # as save_model
+            meta.save(path / "MLmodel")
+            client.log_model_artifacts(model.model_id, str(path))
+    except BaseException:
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        raise
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    return f"models:/{model.model_id}"
+
+
 @task(name="log-round", task_run_name="log-r{round_num:02d}", **TASK_OPTIONS)
 def log_round(
     config: FLConfig,
@@ -236,7 +313,7 @@ def log_round(
         client.log_batch(run_id, metrics=batch, tags=tags)
     if params is not None and config.experiment.log_round_models:
         pipe = _pipeline(params, stats, config, feature_names)
-        model_uri = _log_model(uri, run_id, pipe, f"round-{round_num:03d}", feature_names)
+        model_uri = _log_round_model(uri, run_id, pipe, f"round-{round_num:03d}", feature_names)
     return model_uri
 
 
