@@ -142,10 +142,12 @@ class RoundsConfig(_Section):
     under secure aggregation it applies to the masked updates (see docs/operations.md)."""
     clients_per_task: int | Literal["auto"] = "auto"
     """How many clients one Prefect training task runs, one after another (task runs named
-    ``train-r07-site-3..site-9``). An integer (at least 1) forces it; ``"auto"`` is one task
-    per client while a round has at most 16 clients, else batches of ``ceil(n / 16)`` clients,
-    evened out: 9 to 16 tasks per round. Why: Prefect's own cost per task (4-8 ms) outweighs
-    a small client's work (1-2 ms), while 9-16 tasks still keep the task runner's workers busy.
+    ``train-r07-site-3..site-9``). An integer (at least 1) forces it; ``"auto"`` runs as many
+    training tasks per round as the task runner runs at once (``runner.n_workers`` threads,
+    one by default; a ``LocalCluster``'s workers; 16 on a cluster at ``runner.address``): one
+    task per client while the round has no more clients than that, else the clients spread
+    evenly over that many batches. Why: Prefect's own cost per task (4-8 ms, more under load)
+    outweighs a small client's work (1-2 ms), and tasks beyond what runs at once only wait.
     In a batch each client keeps its own outcome (update, or failure and why; its seconds in
     the task's log), its ``client.retries`` (inside the task, not Prefect's) and
     ``round_timeout_s`` on its own time (injected slowness counted, not slept), so batched and

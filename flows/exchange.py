@@ -9,7 +9,6 @@ in-process exchange's results bit for bit.
 
 from __future__ import annotations
 
-import math
 from itertools import pairwise
 from typing import Any, Literal
 
@@ -20,7 +19,7 @@ from fedtune.fl.exchange import Broadcast, Exchange, Failures, Returned
 from fedtune.fl.params import ClientUpdate, FeatureStats, ModelParams
 from fedtune.fl.statistics import StatsReport
 from fedtune.flows.outcomes import collect
-from fedtune.flows.runner import check_placement
+from fedtune.flows.runner import check_placement, parallel_tasks
 from fedtune.tasks import secure_aggregation as secagg_tasks
 from fedtune.tasks.client import (
     Outcome,
@@ -33,35 +32,43 @@ from prefect import unmapped
 from prefect.utilities.annotations import quote
 
 AUTO_TASKS = 16
-"""``clients_per_task = "auto"``: at most this many training tasks per round."""
+"""``clients_per_task = "auto"`` on a cluster at ``runner.address``: training tasks per round."""
 
 
 def client_batches(
-    sampled: list[ClientRef], clients_per_task: int | Literal["auto"]
+    sampled: list[ClientRef], clients_per_task: int | Literal["auto"], tasks: int = AUTO_TASKS
 ) -> list[list[ClientRef]]:
     """The round's clients in batches, one task each, in sampled order. An integer gives
-    batches of that size (the last one smaller); ``"auto"`` one client per batch up to
-    :data:`AUTO_TASKS` clients, else ``ceil(n / AUTO_TASKS)`` clients per batch, spread evenly
-    (sizes differ by one at most): 9 to 16 batches."""
+    batches of that size (the last one smaller); ``"auto"`` gives ``min(n, tasks)`` batches,
+    spread evenly (sizes differ by one at most): one client per task while the round has no
+    more clients than the runner runs tasks at once (``tasks``), else one batch per task slot,
+    since more tasks than slots only add Prefect's cost per task."""
     n = len(sampled)
     if clients_per_task != "auto":
         return [sampled[i : i + clients_per_task] for i in range(0, n, clients_per_task)]
-    if n <= AUTO_TASKS:
-        return [[ref] for ref in sampled]
-    count = math.ceil(n / math.ceil(n / AUTO_TASKS))
+    count = min(n, tasks)
+    if count == 0:
+        return []
     bounds = [n * i // count for i in range(count + 1)]
     return [sampled[a:b] for a, b in pairwise(bounds)]
 
 
 def placed_batches(
-    sampled: list[ClientRef], clients_per_task: int | Literal["auto"], silos: dict[str, str]
+    sampled: list[ClientRef],
+    clients_per_task: int | Literal["auto"],
+    silos: dict[str, str],
+    tasks: int = AUTO_TASKS,
 ) -> list[list[ClientRef]]:
     """:func:`client_batches` within each silo (``runner.silos``; the clients no silo pins form
     one group): a batch runs where all of its clients may run."""
     groups: dict[str | None, list[ClientRef]] = {}
     for ref in sampled:
         groups.setdefault(silos.get(ref.client_id), []).append(ref)
-    return [batch for group in groups.values() for batch in client_batches(group, clients_per_task)]
+    return [
+        batch
+        for group in groups.values()
+        for batch in client_batches(group, clients_per_task, tasks)
+    ]
 
 
 class PrefectExchange:
@@ -72,6 +79,7 @@ class PrefectExchange:
 
     def __init__(self, config: FLConfig):
         self.config = config
+        self.slots = parallel_tasks(config.runner)
         self.trainer = train_client.with_options(
             retries=config.client.retries, retry_delay_seconds=config.client.retry_delay_s
         )
@@ -89,7 +97,7 @@ class PrefectExchange:
 
     def train(self, sampled: list[ClientRef], broadcast: Broadcast, round_num: int) -> Returned:
         batches = placed_batches(
-            sampled, self.config.rounds.clients_per_task, self.config.runner.silos
+            sampled, self.config.rounds.clients_per_task, self.config.runner.silos, self.slots
         )
         if len(batches) < len(sampled):
             return self._train_batches(sampled, batches, broadcast, round_num)

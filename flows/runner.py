@@ -20,6 +20,7 @@ still overrides it whole.
 
 from __future__ import annotations
 
+import os
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
@@ -44,11 +45,29 @@ def thread_runner(n_workers: int | None = None) -> ThreadPoolTaskRunner:
     orchestration as much as ``partial_fit``), so more threads only contend. Clients that wait
     on I/O gain from more; clients big enough to fill a core gain from ``kind = "dask"``.
     """
-    if n_workers is None:
-        from prefect.settings import get_current_settings
+    return ThreadPoolTaskRunner(max_workers=thread_count(n_workers))
 
-        n_workers = get_current_settings().tasks.runner.thread_pool_max_workers or 1
-    return ThreadPoolTaskRunner(max_workers=n_workers)
+
+def thread_count(n_workers: int | None) -> int:
+    """The thread runner's threads: ``n_workers``, else Prefect's setting, else one."""
+    if n_workers is not None:
+        return n_workers
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().tasks.runner.thread_pool_max_workers or 1
+
+
+def parallel_tasks(runner: RunnerConfig) -> int:
+    """How many tasks ``runner`` runs at once: its threads; a ``LocalCluster``'s workers (one
+    per core unless ``n_workers``); for a cluster at ``address``, whose size may change during
+    the run, :data:`fedtune.flows.exchange.AUTO_TASKS`."""
+    from fedtune.flows.exchange import AUTO_TASKS
+
+    if runner.kind == "thread":
+        return thread_count(runner.n_workers)
+    if runner.address is None:
+        return runner.n_workers or os.cpu_count() or 1
+    return AUTO_TASKS
 
 
 def task_runner(config: FLConfig) -> TaskRunner:

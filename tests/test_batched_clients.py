@@ -3,6 +3,7 @@ batch task on its own (no Prefect), and one flow run against the in-process engi
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -24,20 +25,38 @@ def _refs(n: int) -> list[ClientRef]:
 # -- the batching rule ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n", [1, 2, 15, 16])
-def test_auto_keeps_one_task_per_client_in_small_rounds(n):
+@pytest.mark.parametrize(("n", "tasks"), [(1, 1), (2, 4), (15, 16), (16, 16), (10, 10)])
+def test_auto_keeps_one_task_per_client_while_the_runner_runs_them_all_at_once(n, tasks):
     refs = _refs(n)
-    assert client_batches(refs, "auto") == [[ref] for ref in refs]
+    assert client_batches(refs, "auto", tasks) == [[ref] for ref in refs]
 
 
-@pytest.mark.parametrize("n", [17, 18, 31, 32, 33, 48, 100, 257, 1000])
-def test_auto_batches_a_large_round_into_9_to_16_even_tasks(n):
+@pytest.mark.parametrize(
+    ("n", "tasks"), [(10, 1), (10, 2), (10, 3), (17, 16), (33, 16), (100, 2), (1000, 16)]
+)
+def test_auto_spreads_a_larger_round_evenly_over_the_parallel_tasks(n, tasks):
     refs = _refs(n)
-    batches = client_batches(refs, "auto")
-    assert 9 <= len(batches) <= AUTO_TASKS
-    sizes = {len(b) for b in batches}
-    assert max(sizes) == -(-n // AUTO_TASKS) and max(sizes) - min(sizes) <= 1
+    batches = client_batches(refs, "auto", tasks)
+    assert len(batches) == tasks
+    sizes = [len(b) for b in batches]
+    assert max(sizes) == -(-n // tasks) and max(sizes) - min(sizes) <= 1  # ceil(n / tasks)
     assert [ref for b in batches for ref in b] == refs  # sampled order, nobody twice
+
+
+def test_auto_runs_as_many_tasks_as_the_runner_runs_at_once(monkeypatch):
+    from fedtune.flows.runner import parallel_tasks
+
+    def runner(*overrides):
+        return load_config(None, list(overrides)).runner
+
+    monkeypatch.delenv("PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS", raising=False)
+    assert parallel_tasks(runner()) == 1  # the default thread runner: one thread
+    assert parallel_tasks(runner("runner.n_workers=3")) == 3
+    dask = 'runner.kind="dask"'
+    assert parallel_tasks(runner(dask, "runner.n_workers=2")) == 2
+    assert parallel_tasks(runner(dask)) == os.cpu_count()  # a LocalCluster: one per core
+    assert parallel_tasks(runner(dask, 'runner.address="tcp://h:8786"')) == AUTO_TASKS
+    assert client_batches(_refs(10), "auto", 1) == [_refs(10)]  # the seed: one task a round
 
 
 def test_an_integer_forces_the_batch_size():

@@ -16,8 +16,10 @@ from fedtune.fl.config import load_config
 from fedtune.fl.data import open_client, registry
 from fedtune.fl.evaluation import ols_baseline
 from fedtune.fl.privacy.release import WITHHELD
+from fedtune.fl.rounds import sample_round
 from fedtune.fl.simulation import simulate
 from fedtune.flows.training import federated_training
+from fedtune.tasks.client import batch_run_name
 from mlflow import MlflowClient
 
 from tests.conftest import write_client_files
@@ -127,6 +129,8 @@ def test_flow_runs_the_engine_and_logs_what_it_did(
 
 def test_mlflow_has_every_round_and_loadable_models(seed_run):
     import mlflow
+    import mlflow.models
+    from mlflow.entities import LoggedModelStatus
 
     config, result, client = seed_run
     mlflow.set_tracking_uri(client.tracking_uri)  # other tests' runs set it to their stores
@@ -150,10 +154,18 @@ def test_mlflow_has_every_round_and_loadable_models(seed_run):
     assert sorted(rounds) == [f"round-{r:03d}" for r in range(1, 21)]
     X = pd.DataFrame({"x0": [-1.0, 0.0, 2.5]})
     previous = None
+    first = None
     for name in sorted(rounds):
-        pred = mlflow.sklearn.load_model(f"models:/{rounds[name].model_id}").predict(X)
+        uri = f"models:/{rounds[name].model_id}"
+        assert rounds[name].status == LoggedModelStatus.READY, name
+        info = mlflow.models.get_model_info(uri)  # MLmodel names this model, not another round's
+        assert (info.model_id, info.model_uuid) == (rounds[name].model_id,) * 2, name
+        assert info.signature.inputs.input_names() == ["x0"], name
+        pred = mlflow.sklearn.load_model(uri).predict(X)
         assert pred.shape == (3,) and np.isfinite(pred).all()
+        first = pred if first is None else first
         previous = pred
+    assert not np.allclose(first, previous)  # each round's own coefficients, not a copy
     final = mlflow.sklearn.load_model(result.model_uri)
     expected = X["x0"].to_numpy() * result.coef[0] + result.intercept
     np.testing.assert_allclose(final.predict(X), expected, rtol=1e-10)
@@ -196,8 +208,10 @@ def _task_runs(flow_run_id: str, expected: set[str], timeout: float = 60.0):
 def test_task_runs_are_named_by_round_and_client(seed_run):
     _, result, client = seed_run
     flow_run_id = client.get_run(result.run_id).data.tags["prefect.flow_run_id"]
-    expected = {f"train-r{r:02d}-site-{c}" for r in range(1, 21) for c in range(10)}
+    # One thread runs the tasks, so "auto" trains a round's ten clients in one task.
+    expected = {f"train-r{r:02d}-site-0..site-9" for r in range(1, 21)}
     expected |= {f"log-r{r:02d}" for r in range(1, 21)}
+    expected |= {f"stats-site-{c}" for c in range(10)} | {f"final-site-{c}" for c in range(10)}
     runs, _ = _task_runs(flow_run_id, expected)
     names = {r.name for r in runs}
     assert expected <= names, sorted(expected - names)[:5]
@@ -235,7 +249,10 @@ def test_files_source_trains_and_no_raw_data_leaves_a_client(prefect_api, mlflow
                 haystack.append(path.read_bytes().decode("latin-1"))
     flow_run_id = run.data.tags["prefect.flow_run_id"]
     clients = [ref.client_id for ref in refs]
-    expected = {f"train-r{r:02d}-{c}" for r in range(1, 21) for c in clients}
+    expected = set()
+    for r in range(1, 21):  # one thread runs the tasks: "auto" trains a round in one task
+        sampled = [refs[i] for i in sample_round(config.rounds, 0, None, len(refs), r)]
+        expected |= {batch_run_name({"refs": b, "round_num": r}) for b in [sampled]}
     expected |= {f"stats-{c}" for c in clients} | {f"final-{c}" for c in clients}
     task_runs, flow_run = _task_runs(flow_run_id, expected)
     haystack.append(json.dumps(flow_run.parameters, default=str))
