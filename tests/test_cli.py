@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -42,6 +44,18 @@ def test_fedtune_run_needs_no_server_and_prints_no_errors(tmp_path):
     assert len(round_lines) == 3, out
     assert "clients 10 ok, 0 failed" in round_lines[0]
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in proc.stdout
+    # fedtune started the temporary server itself, first thing (Prefect did not start another),
+    # and it is gone once the command has returned; the run's records are in its database.
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("fedtune: checking the default configuration"), out
+    assert lines[1].startswith("fedtune: starting Prefect (a temporary local server at "), out
+    assert "Starting temporary server" not in out
+    server = lines[1].split(" at ", 1)[1].split(";", 1)[0]
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{server}/api/health", timeout=2)
+    with sqlite3.connect(tmp_path / "prefect-home" / "prefect.db") as db:
+        [(flow_runs,)] = db.execute("SELECT count(*) FROM flow_run WHERE state_type = 'COMPLETED'")
+    assert flow_runs == 1
 
     summary = json.loads((tmp_path / "s.json").read_text())
     assert {"run_id", "model_uri", "coef", "intercept", "history"} <= set(summary)
