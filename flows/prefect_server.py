@@ -57,7 +57,9 @@ class TemporaryServer:
     interpreter exit, after Prefect's own exit handlers have sent their last logs and events,
     because it is registered before Prefect is imported)."""
 
-    def __init__(self) -> None:
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        self.env = env or {}
+        """Settings of the server process beyond this process's environment."""
         self.port = 0
         self.process: subprocess.Popen | None = None
         self.used = False
@@ -86,7 +88,7 @@ class TemporaryServer:
             "--lifespan",
             "on",
         ]
-        self.process = subprocess.Popen(command, env={**os.environ, **_SERVER_ENV})
+        self.process = subprocess.Popen(command, env={**os.environ, **self.env, **_SERVER_ENV})
         atexit.register(self.stop)
         return self
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+import time
+import urllib.request
 
 import numpy as np
 import pandas as pd
@@ -26,13 +29,53 @@ def _fast_tier_stays_pure(request):
         pytest.fail(f"uses {sorted(plumbing)} but is not marked integration")
 
 
+SESSION_API = "FEDTUNE_TESTS_PREFECT_API"
+"""The session's Prefect API, started by the controlling pytest process for all of its workers."""
+
+
+def pytest_configure(config):
+    """In the controlling process (not in an xdist worker), unless only the fast tier runs:
+    start one temporary Prefect server for the session, before the workers start (they inherit
+    its address) and without waiting for it, so that it boots while the first tests run. The
+    workers share it instead of starting one each."""
+    if hasattr(config, "workerinput") or "not integration" in (config.option.markexpr or ""):
+        return
+    from fedtune.flows.prefect_server import TemporaryServer
+
+    home = tempfile.mkdtemp(prefix="fedtune-tests-prefect-")
+    server = TemporaryServer({"PREFECT_HOME": home}).start()
+    config.add_cleanup(lambda: shutil.rmtree(home, ignore_errors=True))
+    config.add_cleanup(server.stop)  # after the workers have ended (LIFO)
+    os.environ[SESSION_API] = server.api_url
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
-    """A real Prefect API (temporary local server), shared by the whole session."""
-    from prefect.testing.utilities import prefect_test_harness
+    """A real Prefect API (a temporary local server), shared by the whole session."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=60):
+    url = os.environ.get(SESSION_API)
+    if url is None:  # the session deselected the integration tier; start one here, then
+        from prefect.testing.utilities import prefect_test_harness
+
+        with prefect_test_harness(server_startup_timeout=60):
+            yield
+        return
+    _wait_healthy(url)
+    with temporary_settings(updates={PREFECT_API_URL: url}):
         yield
+
+
+def _wait_healthy(url: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2).close()
+            return
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                pytest.fail(f"the session's Prefect server at {url} did not start: {exc}")
+            time.sleep(0.1)
 
 
 @pytest.fixture(scope="session")
