@@ -15,24 +15,29 @@ names one to share: give it an existing directory to time the runs after a user'
 
 Every stdout and stderr line is timestamped as it arrives, in seconds since the process was
 started; the events are read off these lines (``EVENTS``), except ``prefect_api_ready``: once
-Prefect prints the temporary server's address, the benchmark asks the server's health endpoint
-every 50 ms, and the first answer is that event. What some lines mark:
+the temporary server's address is printed (by Prefect for the bare flow; by ``fedtune run``,
+which starts the same server itself on its first line), the benchmark asks the server's health
+endpoint every 50 ms, and the first answer is that event. What some lines mark:
 
-- ``config_checked``: the CLI's ``starting Prefect…`` line, after its configuration check and
-  its MLflow store check, before it imports the flow (and with it Prefect).
+- ``prepared``: ``waiting for Prefect's temporary server…``: fedtune has checked the
+  configuration, imported the flow and created the MLflow store, and the server is not up yet
+  (absent when the server was up first).
 - ``round_1`` and ``last_round``: the round lines, which the flow prints once the round's model
   has been scored, i.e. during the next round's exchange (the last one: in the final report).
 
 Lines that only bound an event from above:
 
 - ``mlflow_store_ready``: ``reading N clients' feature statistics…``, the flow's first line
-  after its ``start-mlflow-run`` task (store created and migrated, run created) returned.
+  after its ``start-mlflow-run`` task (run created) returned.
 - ``final_model_logged``: Prefect's ``Finished in state Completed()``, after the final model,
   the run's artifacts, ``end-mlflow-run`` and the Prefect artifacts.
 
 ``own_cost`` is fedtune's exit minus the bare flow's, per repeat (their order alternates across
-repeats, against drift in the machine's load); with ``--repeat`` above 1 the JSON adds the
-medians of every event and difference. ``--lines`` adds every timestamped line.
+repeats, against drift in the machine's load); it is negative when the work fedtune does while
+its server starts saves more than the rest of its run costs. ``own_cost_after_api_ready`` is the
+same difference counted from each one's server answering, i.e. without that saving. With
+``--repeat`` above 1 the JSON adds the medians of every event and difference. ``--lines`` adds
+every timestamped line.
 """
 
 from __future__ import annotations
@@ -268,6 +273,9 @@ def one_repeat(index: int, prefect_home: Path | None, keep_lines: bool) -> dict:
         runs["api_ready_difference_s"] = round(
             fed["prefect_api_ready"] - bare["prefect_api_ready"], 3
         )
+        after_fed = fed["exit"] - fed["prefect_api_ready"]
+        after_bare = bare["exit"] - bare["prefect_api_ready"]
+        runs["own_cost_after_api_ready_s"] = round(after_fed - after_bare, 3)
     return runs
 
 
@@ -284,7 +292,7 @@ def medians(repeats: list[dict]) -> dict:
         for part in ("events", "intervals"):
             keys = dict.fromkeys(k for r in repeats for k in r[kind][part])
             out[kind][part] = {k: _median_of([r[kind][part].get(k) for r in repeats]) for k in keys}
-    for key in ("own_cost_s", "api_ready_difference_s"):
+    for key in ("own_cost_s", "api_ready_difference_s", "own_cost_after_api_ready_s"):
         out[key] = _median_of([r.get(key) for r in repeats])
     return out
 
