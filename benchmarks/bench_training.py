@@ -83,6 +83,7 @@ def _per_client_tasks(config, auto, auto_wall: float, updates: int) -> dict:
     """The flow again with one Prefect task per client, against the default batching (whole
     runs, and the rounds alone: the statistics and final-report tasks stay one per client)."""
     from fedtune.flows.exchange import client_batches
+    from fedtune.flows.runner import parallel_tasks
     from fedtune.flows.training import federated_training
 
     per_client = config.model_copy(
@@ -94,7 +95,11 @@ def _per_client_tasks(config, auto, auto_wall: float, updates: int) -> dict:
     n = config.rounds.clients_per_round or config.data.num_clients
     return {
         "clients_per_task": config.rounds.clients_per_task,
-        "tasks_per_round": len(client_batches(list(range(n)), config.rounds.clients_per_task)),
+        "tasks_per_round": len(
+            client_batches(
+                list(range(n)), config.rounds.clients_per_task, parallel_tasks(config.runner)
+            )
+        ),
         "ms_per_client_update": round(1000 * auto_wall / updates, 3),
         "seconds_per_round": round(_round_seconds(auto), 4),
         "per_client_tasks_wall_seconds": round(wall, 3),
