@@ -27,6 +27,7 @@ from fedtune.fl.secagg.primitives import (
     prg,
     shamir_reconstruct,
     shamir_split,
+    signed_sum,
 )
 from fedtune.fl.strategies import Contribution, FedAvg
 from scipy import stats
@@ -360,6 +361,41 @@ def test_segments_encode_each_part_within_its_own_bound():
         codec.encode(np.zeros(2))
     with pytest.raises(ValueError, match="overflow"):  # 2^30 * 2^8 * 2^25 = 2^63
         codec.check_capacity(2**25)
+
+
+def test_segments_encode_in_one_go_what_each_segment_encodes_and_refuse_what_it_refuses():
+    parts = ((5, FixedPoint(1.0)), (3, FixedPoint(2.0**20, frac_bits=10)), (2, FixedPoint(4.0)))
+    codec = Segments(parts)
+    bounds = np.repeat([1.0, 2.0**20, 4.0], [5, 3, 2])
+    x = np.random.default_rng(5).uniform(-1, 1, 10) * bounds
+    x[[0, 5, 9]] = [-1.0, 2.0**20, 4.0]  # each segment's bound is inside it
+    one_by_one = np.concatenate(
+        [c.encode(p) for (_, c), p in zip(parts, (x[:5], x[5:8], x[8:]), strict=True)]
+    )
+    np.testing.assert_array_equal(codec.encode(x), one_by_one)
+    for where, value, match in [
+        (0, 1.0 + 1e-9, r"bound \[-1.0, 1.0\]"),
+        (6, -1.5 * 2.0**20, r"bound \[-1048576.0, 1048576.0\]"),
+        (9, np.nan, "non-finite"),
+        (1, -np.inf, "non-finite"),
+    ]:
+        bad = np.zeros(10)
+        bad[where] = value
+        with pytest.raises(ValueError, match=match):
+            codec.encode(bad)
+
+
+def test_signed_sums_wrap_in_z_2_64():
+    rng = np.random.default_rng(6)
+    plus = [rng.integers(0, 2**64, 7, dtype=np.uint64) for _ in range(4)]
+    minus = [rng.integers(0, 2**64, 7, dtype=np.uint64) for _ in range(3)]
+    exact = [
+        (sum(int(v[i]) for v in plus) - sum(int(v[i]) for v in minus)) % 2**64 for i in range(7)
+    ]
+    total = signed_sum([v.tobytes() for v in plus], [v.tobytes() for v in minus], 7)
+    assert total.dtype == np.uint64 and total.tolist() == exact
+    assert signed_sum([], [], 7).tolist() == [0] * 7
+    assert signed_sum([], [plus[0].tobytes()], 7).tolist() == [(-int(v)) % 2**64 for v in plus[0]]
 
 
 def _stats(target_mean: float, target_scale: float) -> FeatureStats:

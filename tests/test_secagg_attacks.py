@@ -121,9 +121,9 @@ def deploy(
     return Deployment(config, refs, store, keys, broadcast, codec)
 
 
-def _pair_mask(u: int, v: int, seed: bytes, size: int) -> np.ndarray:
-    """The mask ``u`` adds for ``v`` in a round from their round seed."""
-    mask = prg(seed, size)
+def _pair_mask(u: int, v: int, mask: bytes) -> np.ndarray:
+    """The mask ``u`` adds for ``v`` in a round, from the pair's mask of the round."""
+    mask = np.frombuffer(mask, dtype=np.uint64)
     return mask if u < v else np.uint64(0) - mask
 
 
@@ -193,7 +193,7 @@ def split_views(cohort: list[int], holders: list[int], target: int) -> dict[int,
 
 def reconstruct_run(round_: RunKeysRound, target: int, inputs, answers) -> np.ndarray:
     """The target's input as far as the server can unmask it: its self mask, if ``rebuild``
-    holders sent shares of it, and every pairwise mask of which someone revealed the seed."""
+    holders sent shares of it, and every pairwise mask that someone revealed."""
     size, quorum = round_.dep.codec.size, round_.quorum
     y = inputs[target].masked.copy()
     shares = [(v, a.self_mask_shares.get(target)) for v, a in answers.items()]
@@ -203,11 +203,11 @@ def reconstruct_run(round_: RunKeysRound, target: int, inputs, answers) -> np.nd
         (seed,) = rebuild_seeds(limbs, [share_point(v) for v, _ in shares])
         if seed is not None:
             y -= prg(seed, size)
-    own = answers[target].pair_seeds if target in answers else {}
+    own = answers[target].pair_masks if target in answers else {}
     for v in round_.cohort:
-        seed = own.get(v) or (answers[v].pair_seeds.get(target) if v in answers else None)
-        if v != target and seed is not None:
-            y -= _pair_mask(target, v, seed, size)
+        mask = own.get(v) or (answers[v].pair_masks.get(target) if v in answers else None)
+        if v != target and mask is not None:
+            y -= _pair_mask(target, v, mask)
     return round_.dep.codec.decode(y)
 
 
@@ -432,15 +432,15 @@ class RunKeysInTheMiddle(RunKeysRound):
             shared = self.fake[v].exchange(
                 X25519PublicKey.from_public_bytes(self.dep.keys[t].public)
             )
-            pair_key = hkdf(shared, b"fedtune/secagg/run-pair-key" + id_bytes(min(t, v), max(t, v)))
-            material = run_keys._round_secrets([(v, pair_key)], ROUND)[v]
-            y -= _pair_mask(t, v, material[:32], size)
-            channels[v] = material[32:]
+            ids = id_bytes(min(t, v), max(t, v))
+            pair_key = hkdf(shared, b"fedtune/secagg/run-pair-key" + ids)
+            y -= _pair_mask(t, v, run_keys._pair_mask(pair_key, ROUND, size))
+            channels[v] = AESGCM(hkdf(shared, b"fedtune/secagg/run-channel-key" + ids))
         holders = [h for h in mine.shares][: self.quorum.rebuild]
         limbs = [
             np.frombuffer(
-                AESGCM(channels[h]).decrypt(
-                    run_keys._nonce(t, h), mine.shares[h], run_keys._IDS.pack(ROUND, t, h)
+                channels[h].decrypt(
+                    run_keys._nonce(ROUND, t, h), mine.shares[h], run_keys._IDS.pack(ROUND, t, h)
                 ),
                 ">u4",
             )

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from fedtune.fl.secagg import run_keys
 from fedtune.fl.secagg.identity import PublicParameters, survivor_statement
 from fedtune.fl.secagg.primitives import (
     FIELD,
@@ -125,9 +127,10 @@ def test_masked_vectors_look_uniform_even_after_the_server_learns_what_it_may(di
     exact = np.sum([vectors[u] for u in survivors], axis=0)
     assert np.max(np.abs(server.unmask(list(responses.values())) - exact)) <= _bound(n, codec)
 
-    # The server now knows every survivor's self mask and the round seeds shared with 7.
-    def pair_mask(u: int, v: int, seed: bytes) -> np.ndarray:
-        return prg(seed, dim) if u < v else np.uint64(0) - prg(seed, dim)
+    # The server now knows every survivor's self mask and the pair masks shared with 7.
+    def pair_mask(u: int, v: int, mask: bytes) -> np.ndarray:
+        mask = np.frombuffer(mask, dtype=np.uint64)
+        return mask if u < v else np.uint64(0) - mask
 
     holders = [v for v in server.holders if v in responses][: quorum.rebuild]
     xs = [v + 1 for v in holders]
@@ -135,7 +138,7 @@ def test_masked_vectors_look_uniform_even_after_the_server_learns_what_it_may(di
     for u, m in inputs.items():
         shares = [np.frombuffer(responses[v].self_mask_shares[u], ">u4") for v in holders]
         (seed,) = rebuild_seeds(np.array([shares], dtype=np.int64), xs)
-        unmasked[u] = m.masked - prg(seed, dim) - pair_mask(u, 7, responses[u].pair_seeds[7])
+        unmasked[u] = m.masked - prg(seed, dim) - pair_mask(u, 7, responses[u].pair_masks[7])
         # Still hidden behind the masks shared with the other survivors.
         assert _top_byte_p_value(unmasked[u]) > UNIFORM_P, u
     # (Those are the right masks: the survivors' remaining masks cancel in their sum.)
@@ -143,7 +146,7 @@ def test_masked_vectors_look_uniform_even_after_the_server_learns_what_it_may(di
     # The late input minus every pairwise mask it holds is still hidden behind its self mask,
     # whose shares no client released.
     assert all(7 not in r.self_mask_shares for r in responses.values())
-    stripped = late.masked - sum(pair_mask(7, v, responses[v].pair_seeds[7]) for v in survivors)
+    stripped = late.masked - sum(pair_mask(7, v, responses[v].pair_masks[7]) for v in survivors)
     assert _top_byte_p_value(stripped) > UNIFORM_P
     assert np.max(np.abs(codec.decode(stripped) - vectors[7])) > 1  # not the input
 
@@ -282,7 +285,7 @@ def test_client_answers_once_and_only_for_one_survivor_set_of_its_cohort():
     signatures = _sign(clients, 1, survivors)
     response = clients[2].unmasking(1, survivors, signatures, inboxes[2])
     assert set(response.self_mask_shares) == set(survivors)
-    assert set(response.pair_seeds) == {5}  # its cohort minus the survivors; never both
+    assert set(response.pair_masks) == {5}  # its cohort minus the survivors; never both
     with pytest.raises(SecAggAbort, match="no unanswered masked input for round 1"):
         clients[2].unmasking(1, survivors, signatures, inboxes[2])
     # Client 3 signed [0..4]: it neither signs nor unmasks for another set of that round.
@@ -315,7 +318,7 @@ def test_a_client_unmasks_only_with_t_member_signatures_on_exactly_its_set():
         clients[1].unmasking(1, survivors, signatures, inboxes[1])
     assert clients[1].member.directory.verify(5, signatures[5], statement)  # the test has power
     signatures[3] = clients[3].consistency(1, survivors)
-    assert clients[2].unmasking(1, survivors, signatures, inboxes[2]).pair_seeds.keys() == {5}
+    assert clients[2].unmasking(1, survivors, signatures, inboxes[2]).pair_masks.keys() == {5}
 
 
 def test_a_quorum_other_than_the_published_one_is_refused():
@@ -343,7 +346,7 @@ def test_a_client_outside_the_committee_takes_no_shares():
         clients[outsider].unmasking(1, survivors, signatures, inboxes[holder])
 
 
-def test_round_seeds_mask_one_round_only_and_rounds_never_repeat():
+def test_revealed_pair_masks_mask_one_round_only_and_rounds_never_repeat():
     clients, keys = _clients(4, 7)
     codec = FixedPoint(1.0)
     roster = list(keys.values())
@@ -357,7 +360,7 @@ def test_round_seeds_mask_one_round_only_and_rounds_never_repeat():
         survivors, _, inboxes = server.collect_masked_inputs(inputs)
         signatures = _sign(clients, r, survivors)
         response = clients[0].unmasking(r, survivors, signatures, inboxes[0])
-        revealed.append(response.pair_seeds[3])
+        revealed.append(response.pair_masks[3])
     assert revealed[0] != revealed[1]
     with pytest.raises(SecAggAbort, match="masks are never reused"):
         clients[0].masked_input(np.zeros(2), 2, roster, Quorum(3, 4, 3), codec)
@@ -398,3 +401,36 @@ def test_seed_sharing_needs_exactly_t_shares():
     assert rebuild_seeds(shares[None, :6], xs[:6]) != [seed]
     with pytest.raises(ValueError, match="threshold"):
         split_seed(seed, 1, xs)
+
+
+def test_pair_masks_are_the_aes_ctr_keystream_of_each_round_and_never_repeat():
+    shared = bytes(range(32))
+    u, v = run_keys._Pair(shared, 3, 8, b"u"), run_keys._Pair(shared, 8, 3, b"v")
+    assert u.key == v.key and u.key != shared  # both ends derive the same K_uv
+    for size in (1, 20, 128, 129, 300):
+        rounds = max(1, run_keys.MASK_BLOCK_BYTES // (8 * size))  # derived in one go
+        masks = []
+        for r in range(40):
+            block, i = divmod(r, rounds)
+            nonce = size.to_bytes(8, "big") + block.to_bytes(4, "big") + bytes(4)
+            stream = Cipher(algorithms.AES(u.key), modes.CTR(nonce)).encryptor()
+            expected = stream.update(bytes(8 * size * rounds))[8 * size * i : 8 * size * (i + 1)]
+            assert u.mask(r, size) == v.mask(r, size) == expected, (size, r)
+            assert run_keys._pair_mask(u.key, r, size) == expected
+            masks.append(expected)
+        assert len(set(masks)) == len(masks)  # no round's mask is another's
+    nonces = {run_keys._nonce(r, a, b) for r in (1, 2) for a, b in ((3, 8), (8, 3))}
+    assert len(nonces) == 4  # the share channel: one nonce per round and direction
+
+
+def test_a_second_run_key_of_a_peer_is_refused():
+    clients, keys = _clients(4, 14)
+    codec, quorum = FixedPoint(1.0), Quorum(3, 4, 3)
+    clients[0].masked_input(np.zeros(2), 1, list(keys.values()), quorum, codec)
+    # Client 1's identity signs a second run key: a valid signature, but not the key client 0
+    # paired with.
+    second = RunKeysClient(clients[1].member, SESSION, bytes(32)).public_key()
+    assert second.public != keys[1].public and second.client_id == 1
+    roster = [keys[0], second, keys[2], keys[3]]
+    with pytest.raises(SecAggAbort, match="client 1 comes with another run key than before"):
+        clients[0].masked_input(np.zeros(2), 2, roster, quorum, codec)

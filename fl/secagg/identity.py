@@ -196,10 +196,14 @@ class Directory:
 
     def verify(self, client_id: int, signature: bytes, message: bytes) -> bool:
         """Whether ``signature`` is ``client_id``'s on ``message`` (False for an unknown id)."""
+        return self._verify(client_id, signature, message, hashlib.sha256(message).digest())
+
+    def _verify(self, client_id: int, signature: bytes, message: bytes, digest: bytes) -> bool:
+        # `digest` is the SHA-256 of `message`, computed once for many signatures on it.
         key = self._keys.get(client_id)
         if key is None or not isinstance(signature, bytes):
             return False
-        seen = (client_id, hashlib.sha256(message).digest(), signature)
+        seen = (client_id, digest, signature)
         if self.memoize and seen in self._verified:
             return True
         try:
@@ -232,8 +236,9 @@ class Directory:
         """Fail closed, as client ``who``, unless at least ``needed`` distinct ``members``
         signed ``signed`` (verification stops once there are enough)."""
         valid = 0
+        digest = hashlib.sha256(signed).digest()
         for v in sorted(set(members) & signatures.keys()):
-            valid += self.verify(v, signatures[v], signed)
+            valid += self._verify(v, signatures[v], signed, digest)
             if valid >= needed:
                 return
         raise SecAggAbort(

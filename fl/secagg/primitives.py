@@ -90,6 +90,12 @@ class FixedPoint:
     def encode(self, x: np.ndarray) -> np.ndarray:
         """``round(x * 2^f)`` as two's-complement ``uint64``."""
         x = np.asarray(x, dtype=np.float64)
+        if not (np.abs(x) <= self.bound).all():  # also false for a NaN
+            self.check(x)
+        return np.rint(np.ldexp(x, self.frac_bits)).astype(np.int64).view(np.uint64)
+
+    def check(self, x: np.ndarray) -> None:
+        """Raise ``ValueError`` if ``x`` has a non-finite value or one beyond the bound."""
         if not np.all(np.isfinite(x)):
             raise ValueError("x: has non-finite values")
         if np.any(np.abs(x) > self.bound):
@@ -97,7 +103,6 @@ class FixedPoint:
                 f"x: value {float(np.max(np.abs(x)))!r} is outside the secure-aggregation bound "
                 f"[-{self.bound}, {self.bound}]"
             )
-        return np.rint(np.ldexp(x, self.frac_bits)).astype(np.int64).view(np.uint64)
 
     def decode(self, v: np.ndarray) -> np.ndarray:
         """Inverse of :meth:`encode`; also decodes a sum of encodings while
@@ -135,12 +140,26 @@ class Segments:
         return [x[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     def encode(self, x: np.ndarray) -> np.ndarray:
-        pieces = self._split(np.asarray(x, dtype=np.float64))
-        return np.concatenate([c.encode(p) for (_, c), p in zip(self.parts, pieces, strict=True)])
+        x = np.asarray(x, dtype=np.float64)
+        bounds, bits = _scales(self.parts)
+        if x.shape != bounds.shape or not (np.abs(x) <= bounds).all():
+            for (_, c), p in zip(self.parts, self._split(x), strict=True):
+                c.check(p)  # raises, naming the segment's bound
+        # Each segment as its own codec encodes it, in one go.
+        return np.rint(np.ldexp(x, bits)).astype(np.int64).view(np.uint64)
 
     def decode(self, v: np.ndarray) -> np.ndarray:
         pieces = self._split(np.asarray(v, dtype=np.uint64))
         return np.concatenate([c.decode(p) for (_, c), p in zip(self.parts, pieces, strict=True)])
+
+
+@functools.lru_cache(maxsize=64)
+def _scales(parts: tuple[tuple[int, FixedPoint], ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Every coordinate's bound and fractional bits, for :meth:`Segments.encode`."""
+    bounds = np.concatenate([np.full(n, c.bound) for n, c in parts])
+    bits = np.concatenate([np.full(n, c.frac_bits) for n, c in parts])
+    bounds.flags.writeable = bits.flags.writeable = False
+    return bounds, bits
 
 
 Codec = FixedPoint | Segments
@@ -169,9 +188,21 @@ def prg(seed: bytes, size: int) -> np.ndarray:
 def prgs(seeds: Sequence[bytes], size: int) -> np.ndarray:
     """``[prg(seed, size) for seed in seeds]`` as one ``(len(seeds), size)`` array."""
     if size <= SHAKE_MAX_SIZE:
-        stream = b"".join(hashlib.shake_128(seed).digest(8 * size) for seed in seeds)
+        shake, width = hashlib.shake_128, 8 * size
+        stream = b"".join([shake(seed).digest(width) for seed in seeds])
         return np.frombuffer(stream, dtype=np.uint64).reshape(len(seeds), size)
     return np.stack([prg(seed, size) for seed in seeds])
+
+
+def signed_sum(plus: Sequence[bytes], minus: Sequence[bytes], size: int) -> np.ndarray:
+    """``sum(plus) - sum(minus)`` in Z_(2^64) of vectors of ``size`` uint64s given as bytes
+    (masks, say), each side summed in one go."""
+    stacked = np.frombuffer(b"".join([*plus, *minus]), dtype=np.uint64)
+    stacked = stacked.reshape(len(plus) + len(minus), size)
+    # Each side's sum is zeros if it has no vectors.
+    total = stacked[: len(plus)].sum(axis=0, dtype=np.uint64)
+    total -= stacked[len(plus) :].sum(axis=0, dtype=np.uint64)
+    return total
 
 
 def hkdf(material: bytes, info: bytes) -> bytes:
@@ -258,24 +289,20 @@ LIMBS = 11
 """A seed share is this many elements of GF(``FIELD``), one per 24-bit limb of the seed."""
 
 
+_LIMB_BYTES = np.array([1 << 16, 1 << 8, 1], dtype=np.int64)
+
+
 def _to_limbs(seed: bytes) -> np.ndarray:
-    b = np.frombuffer(b"\0" + seed, dtype=np.uint8).reshape(LIMBS, 3).astype(np.int64)
-    return (b[:, 0] << 16) | (b[:, 1] << 8) | b[:, 2]
-
-
-def _from_limbs(limbs: np.ndarray) -> bytes | None:
-    if limbs[0] >= 2**16 or np.any(limbs >= 2**24):
-        return None  # not a 32-byte seed: the shares were wrong
-    return b"".join(int(v).to_bytes(3, "big") for v in limbs)[1:]
+    return np.frombuffer(b"\0" + seed, dtype=np.uint8).reshape(LIMBS, 3) @ _LIMB_BYTES
 
 
 def _field_elements(count: int) -> np.ndarray:
     """``count`` uniform elements of GF(FIELD), by rejection from 25 random bits."""
-    out = np.empty(0, dtype=np.int64)
-    while out.size < count:
-        raw = np.frombuffer(secrets.token_bytes(4 * count), dtype=np.uint32) & (2**25 - 1)
-        out = np.concatenate([out, raw[raw < FIELD].astype(np.int64)])
-    return out[:count]
+    raw = np.frombuffer(secrets.token_bytes(4 * count), dtype=np.uint32)
+    out = (raw & (2**25 - 1)).astype(np.int64)
+    while not (out < FIELD).all():  # each draw is rejected with probability 39 / 2^25
+        out = np.concatenate([out[out < FIELD], _field_elements(count)])[:count]
+    return out
 
 
 def split_seed(seed: bytes, threshold: int, xs: Sequence[int]) -> np.ndarray:
@@ -283,9 +310,9 @@ def split_seed(seed: bytes, threshold: int, xs: Sequence[int]) -> np.ndarray:
     below FIELD)."""
     if not 2 <= threshold <= MAX_COHORT:
         raise ValueError(f"threshold: must be between 2 and {MAX_COHORT} (got {threshold})")
-    coeffs = np.vstack(
-        [_to_limbs(seed), _field_elements((threshold - 1) * LIMBS).reshape(-1, LIMBS)]
-    )
+    coeffs = np.empty((threshold, LIMBS), dtype=np.int64)
+    coeffs[0] = _to_limbs(seed)
+    coeffs[1:] = _field_elements((threshold - 1) * LIMBS).reshape(-1, LIMBS)
     return _vandermonde(tuple(xs), threshold) @ coeffs % FIELD
 
 
@@ -306,4 +333,9 @@ def rebuild_seeds(shares: np.ndarray, xs: Sequence[int]) -> list[bytes | None]:
     limbs each; ``None`` where the shares rebuild no 32-byte seed."""
     weights = np.asarray(lagrange_at_zero(xs, FIELD), dtype=np.int64)
     limbs = np.einsum("i,kil->kl", weights, shares) % FIELD
-    return [_from_limbs(row) for row in limbs]
+    # A limb above 24 bits (16 for the first, which holds the seed's top 2 bytes): not a seed,
+    # the shares were wrong.
+    valid = (limbs[:, 0] < 2**16) & np.all(limbs < 2**24, axis=1)
+    octets = (limbs[:, :, None] >> np.array([16, 8, 0])) & 0xFF
+    seeds = octets.astype(np.uint8).reshape(len(limbs), 3 * LIMBS)[:, 1:]
+    return [row.tobytes() if ok else None for row, ok in zip(seeds, valid, strict=True)]

@@ -10,16 +10,18 @@ server (:mod:`fl.secagg.identity`):
 
 * **Setup (once per run).** Each client makes one X25519 key pair and advertises the public
   key, signed with its long-term identity key, whose public half the other clients hold from
-  the run's directory, not from the server. Before client ``u`` derives a long-term pair key
-  ``K_uv = HKDF(X25519(u, v))`` with a peer ``v`` (once; it is cached), it checks ``v``'s
-  signature on that key; a key without it (a server in the middle) aborts the round.
+  the run's directory, not from the server. Before client ``u`` derives two long-term pair
+  keys with a peer ``v``, ``K_uv`` for masks and ``E_uv`` for the share channel (each
+  ``HKDF(X25519(u, v))`` for its purpose; once, then cached), it checks ``v``'s signature on
+  ``v``'s public key; a key without it (a server in the middle) aborts the round.
 * **Masked input (round r, cohort S).** ``u`` picks a fresh self-mask seed ``b_u`` and sends
 
-      y_u = x_u + PRG(b_u) + sum_{v in S, v != u} +/-PRG(k_uv^r)
+      y_u = x_u + PRG(b_u) + sum_{v in S, v != u} +/-M_uv^r
 
-  (``+`` if ``u < v``), where ``k_uv^r`` and a channel key ``e_uv^r`` are the two halves of
-  a PRF of ``r`` keyed with ``K_uv`` (SHAKE-256); with it a hash commitment to ``b_u`` and
-  Shamir shares of ``b_u``, each encrypted for its recipient under ``e_uv^r`` (AES-GCM). The
+  (``+`` if ``u < v``), where the pair mask ``M_uv^r`` is a PRF output of ``r`` keyed with
+  ``K_uv`` (the AES-256-CTR keystream; :func:`_pair_mask`); with it a hash commitment to
+  ``b_u`` and Shamir shares of ``b_u``, each encrypted for its recipient under ``E_uv``
+  (AES-GCM, the round and the direction as the nonce: one message each way per round). The
   recipients are the round's *share holders* H, a committee of ``Quorum.holders`` members of
   S (all of S when S is no larger; :func:`share_holders`), any ``Quorum.rebuild`` of whose
   shares rebuild the seed.
@@ -30,7 +32,7 @@ server (:mod:`fl.secagg.identity`):
 * **Unmasking.** A survivor ``v`` asked to unmask gets U, the signatures and the shares
   addressed to it. Only if at least t members of U signed exactly (run, round, S, U), and U is
   the one set it answers for this round, does it return its shares of ``b_u`` for every ``u``
-  in U (if it is a share holder) and the round seeds ``k_vu^r`` it shares with every ``u`` in
+  in U (if it is a share holder) and the pair masks ``M_vu^r`` it shares with every ``u`` in
   D = S minus U: never both for the same client, and only once per round. The server rebuilds
   the self masks from ``rebuild`` holders' answers (checked against the commitments), removes
   the pairwise masks that the dropped clients left behind, and decodes the sum of U's
@@ -40,12 +42,12 @@ server (:mod:`fl.secagg.identity`):
 
 **Why the consistency check.** Without it, each client checks only its own view. A server that
 tells ``rebuild`` share holders "nobody dropped", the target "those holders dropped" and everyone
-else "the target dropped" collects the target's self-mask shares from the first, the round
-seeds it shares with the holders from the target itself and those it shares with everyone else
+else "the target dropped" collects the target's self-mask shares from the first, the pair
+masks it shares with the holders from the target itself and those it shares with everyone else
 from the rest: the target's input, with no colluding client. With it, a client that reveals
-a round seed for a dropped ``w`` holds t signatures on one set without ``w``, and each honest
+a pair mask for a dropped ``w`` holds t signatures on one set without ``w``, and each honest
 signer answers for that set only; an honest signer ``v`` of the target's set never reveals
-``k_tv`` (the target is alive in it), and neither does the target, so the target's input stays
+``M_tv^r`` (the target is alive in it), and neither does the target, so the target's input stays
 masked unless t - 1 signers collude with the server (:mod:`tests.test_secagg_attacks`).
 
 **The committee.** Share holders are ranked by SHA-256 of (round, id), so the server and every
@@ -59,10 +61,14 @@ late, stays hidden unless ``rebuild`` committee members collude with the server,
 with every other survivor, whatever the committee. Every client computes the quorum (t,
 committee size, ``rebuild``) itself from the run's public parameters and refuses another.
 
-What the server learns is what Bonawitz et al.'s server learns: the sum over U. A round seed
-``k_uv^r`` masks round ``r`` only (a PRF output), so revealing it for a dropped client exposes
+What the server learns is what Bonawitz et al.'s server learns: the sum over U. A pair mask
+``M_uv^r`` masks round ``r`` only (a PRF output), so revealing it for a dropped client exposes
 nothing of other rounds, and no long-term secret is ever revealed; a dropped client's input,
 should it arrive late, is still hidden by its self mask, whose shares no client releases.
+(Bonawitz et al. reveal the seed a pair mask is expanded from, 32 bytes; this protocol reveals
+the mask, ``8 * size`` bytes, the same information: the seed served that one mask only. What it
+buys: a pair derives its masks for a block of rounds in one call, instead of a seed and a mask
+every round, which at n - 1 pairs per client was most of a round's masking.)
 
 The price of the saved exchanges: a dropped client's pairwise masks are known only to it and to
 each survivor, so they can be removed only if *every* survivor answers the unmasking request.
@@ -89,8 +95,14 @@ from dataclasses import dataclass
 import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from fedtune.fl.secagg.identity import Membership, statement, survivor_statement
+from fedtune.fl.secagg.identity import (
+    Membership,
+    PublicParameters,
+    statement,
+    survivor_statement,
+)
 from fedtune.fl.secagg.primitives import (
     FIELD,
     LIMBS,
@@ -104,43 +116,97 @@ from fedtune.fl.secagg.primitives import (
     rebuild_seeds,
     require_quorum,
     share_point,
+    signed_sum,
     split_seed,
 )
 
-_ROUND_TAG = b"fedtune/secagg/round"
+_MASK_COUNTER = struct.Struct(">QII")  # size, block of rounds, AES block
 _U64 = struct.Struct(">Q")
 _IDS = struct.Struct(">QQQ")
 _HOLDERS_TAG = b"fedtune/secagg/share-holders"
 _ROUND_ID = struct.Struct(">QQ")
 
 
-def _round_secrets(pair_keys: Iterable[tuple[int, bytes]], round_num: int) -> dict[int, bytes]:
-    """``{v: k_uv^r + e_uv^r}`` for each ``(v, K_uv)``: the pair's mask seed (the first 32
-    bytes) and share-channel key (the last 32) for round ``round_num``, 64 bytes of SHAKE-256
-    keyed with ``K_uv`` (a PRF, as KMAC is: each half reveals nothing of the other, nor of
-    other rounds; a third of HMAC-SHA512's cost, which matters at n - 1 pairs per client and
-    round)."""
-    tag = _ROUND_TAG + _U64.pack(round_num)
-    return {v: hashlib.shake_256(key + tag).digest(64) for v, key in pair_keys}
+MASK_BLOCK_BYTES = 2048
+"""A pair derives its masks for a block of rounds at once: as many rounds as fit in this many
+bytes (one round for vectors of more than 128 values)."""
 
 
-def _nonce(sender: int, recipient: int) -> bytes:
-    # One channel key per pair and round, one message each way: the direction is the nonce.
-    return (sender > recipient).to_bytes(12, "big")
+def _rounds_per_block(size: int) -> int:
+    return MASK_BLOCK_BYTES // (8 * size) or 1
 
 
-def _signed_masks(plus: list[bytes], minus: list[bytes], size: int) -> np.ndarray:
-    """``sum PRG(plus) - sum PRG(minus)`` in Z_(2^64), expanding every seed in one go."""
-    total = np.zeros(size, dtype=np.uint64)
-    for seeds, sign in ((plus, 1), (minus, -1)):
-        if seeds:
-            part = prgs(seeds, size).sum(axis=0, dtype=np.uint64)
-            total = total + part if sign > 0 else total - part
-    return total
+def _pair_masks(pair_key: bytes, size: int, block: int) -> bytes:
+    """The pair's masks ``M_uv^r`` of ``size`` values for the rounds ``r`` of ``block``
+    (``r // _rounds_per_block(size) == block``), ``8 * size`` bytes each, in order: the
+    AES-256-CTR keystream under ``K_uv`` from the counter block (size, block, 0)."""
+    nonce = _MASK_COUNTER.pack(size, block, 0)
+    encryptor = Cipher(algorithms.AES(pair_key), modes.CTR(nonce)).encryptor()
+    return encryptor.update(bytes(8 * size * _rounds_per_block(size)))
+
+
+def _pair_mask(pair_key: bytes, round_num: int, size: int) -> bytes:
+    """``M_uv^r``: the mask of ``size`` values (``8 * size`` bytes, uint64s) that the pair with
+    key ``K_uv`` adds in round ``r = round_num``, ``+`` by the lower id and ``-`` by the higher.
+    A PRF output of the round (AES-256-CTR keystream, its counter blocks distinct for every
+    round and size): revealing one round's mask exposes nothing of another's, nor of ``K_uv``.
+    :meth:`_Pair.mask` computes the same, a block of rounds at a time."""
+    block, i = divmod(round_num, _rounds_per_block(size))
+    width = 8 * size
+    return _pair_masks(pair_key, size, block)[width * i : width * (i + 1)]
+
+
+@functools.lru_cache(maxsize=16)
+def _counter_blocks(size: int, block: int) -> bytes:
+    """CTR mode's counter blocks for :func:`_pair_masks`: public, and the same for every pair."""
+    count = -(-8 * size * _rounds_per_block(size) // 16)
+    blocks = np.zeros(count, dtype=[("size", ">u8"), ("block", ">u4"), ("index", ">u4")])
+    blocks["size"], blocks["block"], blocks["index"] = size, block, np.arange(count)
+    return blocks.tobytes()
+
+
+def _nonce(round_num: int, sender: int, recipient: int) -> bytes:
+    # One channel key per pair for the run, one message each way per round: the round and the
+    # direction make the nonce, never used twice (a client masks once per round, rounds only
+    # grow).
+    return _U64.pack(round_num) + (sender > recipient).to_bytes(4, "big")
+
+
+class _Pair:
+    """What a client holds for one peer: the peer's run key, ``K_uv``, the share channel
+    (AES-GCM under a key derived beside ``K_uv``) and the pair's masks of the latest block of
+    rounds."""
+
+    __slots__ = ("public", "key", "channel", "_aes", "block", "masks")
+
+    def __init__(self, shared: bytes, u: int, v: int, public: bytes):
+        # K_uv and the channel key: each HKDF of the X25519 secret for its own purpose, bound
+        # to both ids.
+        ids = id_bytes(min(u, v), max(u, v))
+        self.public = public
+        self.key = hkdf(shared, b"fedtune/secagg/run-pair-key" + ids)
+        self.channel = AESGCM(hkdf(shared, b"fedtune/secagg/run-channel-key" + ids))
+        # AES-256 under K_uv, block by block: applied to the counter blocks, CTR mode.
+        self._aes = Cipher(algorithms.AES(self.key), modes.ECB()).encryptor()
+        self.block: tuple[int, int] | None = None  # (size, block) of `masks`
+        self.masks = b""
+
+    def mask(self, round_num: int, size: int) -> bytes:
+        """:func:`_pair_mask`, with a key schedule made once per run and each block of rounds
+        derived once (and kept, if it holds more than this round)."""
+        rounds = _rounds_per_block(size)
+        block, i = divmod(round_num, rounds)
+        if self.block != (size, block):
+            masks = self._aes.update(_counter_blocks(size, block))
+            if rounds == 1:
+                return masks[: 8 * size]  # the keystream ends in whole AES blocks
+            self.masks, self.block = masks, (size, block)
+        return self.masks[8 * size * i : 8 * size * (i + 1)]
 
 
 _SHARE = struct.Struct(f">{LIMBS}I")
 """A self-mask seed share on the wire: its limbs, 4 bytes each."""
+_SHARE_LIMB = np.dtype(">u4")
 
 
 def _commit(seed: bytes) -> bytes:
@@ -181,12 +247,12 @@ class MaskedInput:
 @dataclass(frozen=True)
 class Unmasking:
     """Round step 3, survivor to server: shares of the survivors' self-mask seeds and the
-    round seeds it shared with the dropped clients."""
+    round's masks it shared with the dropped clients (:func:`_pair_mask`, 8 bytes a value)."""
 
     sender: int
     round_num: int
     self_mask_shares: dict[int, bytes]
-    pair_seeds: dict[int, bytes]
+    pair_masks: dict[int, bytes]
 
 
 @dataclass(frozen=True)
@@ -244,6 +310,26 @@ def _committee(cohort: tuple[int, ...], count: int, round_num: int) -> tuple[int
     return tuple(sorted(cohort, key=rank)[:count])
 
 
+@functools.lru_cache(maxsize=256)
+def _share_points(holders: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(share_point(v) for v in holders)
+
+
+@functools.lru_cache(maxsize=256)
+def _published_quorum(parameters: PublicParameters, cohort_size: int) -> Quorum:
+    p = parameters
+    return Quorum.of(cohort_size, p.threshold, p.committee, p.min_cohort)
+
+
+@functools.lru_cache(maxsize=64)
+def _survivor_statement(
+    session: str, round_num: int, cohort: frozenset[int], survivors: frozenset[int]
+) -> bytes:
+    # Public inputs, public output: every client of a round signs the same statement, so one
+    # serves all the clients simulated in a process.
+    return survivor_statement(session, round_num, cohort, survivors)
+
+
 # --------------------------------------------------------------------------------------------
 # Parties
 
@@ -265,7 +351,8 @@ class _Pending:
     cohort: frozenset[int]
     holders: frozenset[int]
     own_share: bytes | None  # None: not a share holder this round
-    round_secrets: dict[int, bytes]  # peer -> mask seed + channel key
+    pairs: Mapping[int, _Pair]  # by peer; made once per peer and run, never replaced
+    size: int  # of the masked vector
 
 
 class RunKeysClient:
@@ -293,7 +380,7 @@ class RunKeysClient:
         public = self._key.public_key().public_bytes_raw()
         signature = member.identity.sign(key_statement(session, self.client_id, public))
         self._public = PublicKey(self.client_id, public, signature)
-        self._pair_keys: dict[tuple[int, bytes], bytes] = {}
+        self._pairs: dict[int, _Pair] = {}
         self._pending: dict[int, _Pending] = {}
         self._last_round = 0
         # A straggler's late answer may race its next round's in another thread.
@@ -325,35 +412,27 @@ class RunKeysClient:
         if peers.get(me) != self._public:
             raise SecAggAbort(f"client {me}: the roster does not hold its own key")
         self._check_quorum(quorum, len(peers))
-        pair_keys = [
-            (v, self._pair_keys.get((v, key.public)) or self._pair_key(key))
-            for v, key in peers.items()
-            if v != me
-        ]
-        self._last_round = round_num
-        self._pending = {}  # a client answers only for its latest round
         encoded = codec.encode(x)
         size = encoded.shape[0]
+        plus, minus = self._masks_with(peers, round_num, size)
+        pairs = self._pairs
+        self._last_round = round_num
+        self._pending = {}  # a client answers only for its latest round
         self_seed = secrets.token_bytes(32)
-        masked = encoded + prg(self_seed, size)
-        holders = share_holders(peers, quorum.holders, round_num)
-        split = split_seed(self_seed, quorum.rebuild, [share_point(v) for v in holders])
-        shares = dict(zip(holders, (_SHARE.pack(*row) for row in split.tolist()), strict=True))
-        round_secrets = _round_secrets(pair_keys, round_num)
-        masked += _signed_masks(
-            [k[:32] for v, k in round_secrets.items() if v > me],
-            [k[:32] for v, k in round_secrets.items() if v < me],
-            size,
-        )
+        holders = _committee(tuple(sorted(peers)), quorum.holders, round_num)
+        split = split_seed(self_seed, quorum.rebuild, _share_points(holders))
+        rows = split.astype(_SHARE_LIMB).tobytes()
+        step = _SHARE.size
+        shares = {v: rows[i * step : (i + 1) * step] for i, v in enumerate(holders)}
+        masked = encoded + prg(self_seed, size) + signed_sum(plus, minus, size)
+        nonces = (_nonce(round_num, 0, 1), _nonce(round_num, 1, 0))  # to a higher id, a lower
         sealed = {
-            v: AESGCM(round_secrets[v][32:]).encrypt(
-                _nonce(me, v), share, _IDS.pack(round_num, me, v)
-            )
+            v: pairs[v].channel.encrypt(nonces[me > v], share, _IDS.pack(round_num, me, v))
             for v, share in shares.items()
             if v != me
         }
         self._pending[round_num] = _Pending(
-            quorum, frozenset(peers), frozenset(holders), shares.get(me), round_secrets
+            quorum, frozenset(peers), frozenset(holders), shares.get(me), pairs, size
         )
         return MaskedInput(me, round_num, masked, _commit(self_seed), sealed)
 
@@ -378,9 +457,9 @@ class RunKeysClient:
         inbox: Mapping[int, bytes],
     ) -> Unmasking:
         """Step 3: shares of the survivors' self-mask seeds (if this client holds shares this
-        round), round seeds shared with the dropped clients (its cohort minus ``survivors``).
-        Answers once per round, for the set it signed (or, if it signed none, commits to now),
-        and only if t survivors signed that set (``signatures``)."""
+        round), the round's masks shared with the dropped clients (its cohort minus
+        ``survivors``). Answers once per round, for the set it signed (or, if it signed none,
+        commits to now), and only if t survivors signed that set (``signatures``)."""
         me = self.client_id
         pending = self._pending.pop(round_num, None)
         if pending is None:
@@ -397,10 +476,11 @@ class RunKeysClient:
                 else f"client {me}: holds no shares in round {round_num} but was sent some"
             )
         self_mask_shares = {me: pending.own_share} if holder else {}
+        nonces = (_nonce(round_num, 0, 1), _nonce(round_num, 1, 0))  # from a lower id, a higher
         for u, sealed in inbox.items():
             try:
-                plaintext = AESGCM(pending.round_secrets[u][32:]).decrypt(
-                    _nonce(u, me), sealed, _IDS.pack(round_num, u, me)
+                plaintext = pending.pairs[u].channel.decrypt(
+                    nonces[u > me], sealed, _IDS.pack(round_num, u, me)
                 )
             except InvalidTag:
                 raise SecAggAbort(
@@ -408,15 +488,15 @@ class RunKeysClient:
                 ) from None
             self_mask_shares[u] = plaintext
         gone = sorted(pending.cohort - alive)
-        pair_seeds = {u: pending.round_secrets[u][:32] for u in gone}
-        return Unmasking(me, round_num, self_mask_shares, pair_seeds)
+        pair_masks = {u: pending.pairs[u].mask(round_num, pending.size) for u in gone}
+        return Unmasking(me, round_num, self_mask_shares, pair_masks)
 
     def _survivor_statement(
         self, pending: _Pending, round_num: int, survivors: Sequence[int]
     ) -> bytes:
         """The statement on ``survivors`` this client may sign, after the checks every
         survivor set must pass: part of the cohort, this client in it, at least t."""
-        me, alive = self.client_id, set(survivors)
+        me, alive = self.client_id, frozenset(survivors)
         if len(alive) != len(survivors) or not alive <= pending.cohort:
             raise SecAggAbort(
                 f"client {me}: the survivors of round {round_num} are not a set of clients of "
@@ -429,13 +509,12 @@ class RunKeysClient:
                 f"client {me}: {len(alive)} survivors are fewer than the threshold "
                 f"{pending.quorum.survivors}"
             )
-        return survivor_statement(self.session, round_num, pending.cohort, alive)
+        return _survivor_statement(self.session, round_num, pending.cohort, alive)
 
     def _check_quorum(self, quorum: Quorum, cohort_size: int) -> None:
         """The server's quorum must be the one the public parameters give this cohort: a lower
         threshold or a smaller committee would need fewer colluders."""
-        p = self.member.parameters
-        expected = Quorum.of(cohort_size, p.threshold, p.committee, p.min_cohort)
+        expected = _published_quorum(self.member.parameters, cohort_size)
         if quorum != expected:
             raise SecAggAbort(
                 f"client {self.client_id}: the server's {quorum} is not the published "
@@ -461,17 +540,35 @@ class RunKeysClient:
             self.client_id, key.client_id, key.signature, signed, "run key"
         )
 
-    def _pair_key(self, key: PublicKey) -> bytes:
-        """``K_uv`` with the peer of ``key``, once its signature checks out."""
-        peer = key.client_id
-        pair_key = self._pair_keys.get((peer, key.public))
-        if pair_key is None:
-            self._check_key(key)
-            shared = self._key.exchange(X25519PublicKey.from_public_bytes(key.public))
-            ids = id_bytes(min(peer, self.client_id), max(peer, self.client_id))
-            pair_key = hkdf(shared, b"fedtune/secagg/run-pair-key" + ids)
-            self._pair_keys[(peer, key.public)] = pair_key
-        return pair_key
+    def _masks_with(
+        self, peers: Mapping[int, PublicKey], round_num: int, size: int
+    ) -> tuple[list[bytes], list[bytes]]:
+        """The masks of round ``round_num`` this client shares with every peer in ``peers``:
+        with those above its id, and below. Its pair with a peer is made the first time it sees
+        the peer's key, after the key's signature checks out; a client has one run key, so
+        another one for the same peer is refused."""
+        me, known = self.client_id, self._pairs
+        block, i = divmod(round_num, _rounds_per_block(size))
+        current, lo, hi = (size, block), 8 * size * i, 8 * size * (i + 1)
+        plus, minus = [], []
+        for v, key in peers.items():
+            if v == me:
+                continue
+            pair = known.get(v)
+            if pair is None:
+                pair = known[v] = self._pair_with(key)
+            elif pair.public != key.public:
+                raise SecAggAbort(f"client {me}: client {v} comes with another run key than before")
+            # Pair.mask, inlined where the block is at hand
+            mask = pair.masks[lo:hi] if pair.block == current else pair.mask(round_num, size)
+            (plus if v > me else minus).append(mask)
+        return plus, minus
+
+    def _pair_with(self, key: PublicKey) -> _Pair:
+        """The pair with the peer of ``key``, once its signature checks out."""
+        self._check_key(key)
+        shared = self._key.exchange(X25519PublicKey.from_public_bytes(key.public))
+        return _Pair(shared, self.client_id, key.client_id, key.public)
 
 
 class RunKeysServer:
@@ -479,7 +576,7 @@ class RunKeysServer:
     :meth:`collect_signatures`, :meth:`to_ask` (until it asks nobody), then :meth:`unmask`.
 
     It sees masked vectors, commitments, encrypted shares, signatures and, at the end,
-    ``rebuild`` shares of each survivor's self-mask seed and the dropped clients' round seeds:
+    ``rebuild`` shares of each survivor's self-mask seed and the dropped clients' pair masks:
     the sum over the survivors and nothing about any one of them.
     """
 
@@ -561,7 +658,7 @@ class RunKeysServer:
 
     def to_ask(self, asked: Collection[int], answered: Collection[int]) -> list[int]:
         """Whom to ask for unmasking next, given who was asked and who answered so far (empty:
-        ask nobody more). If anybody dropped, every survivor at once (each holds round seeds
+        ask nobody more). If anybody dropped, every survivor at once (each holds pair masks
         shared with the dropped); else the surviving share holders in committee order, as many
         as are still needed to rebuild the seeds."""
         if self.dropped_:
@@ -586,36 +683,44 @@ class RunKeysServer:
             if (
                 r.round_num != self.round_num
                 or r.self_mask_shares.keys() != (survivors if r.sender in holders else set())
-                or r.pair_seeds.keys() != set(self.dropped_)
+                or r.pair_masks.keys() != set(self.dropped_)
             ):
                 raise SecAggAbort(f"unmasking: client {r.sender} sent the wrong set of shares")
+            width = 8 * self.dimension
+            if any(not (isinstance(m, bytes) and len(m) == width) for m in r.pair_masks.values()):
+                raise SecAggAbort(f"unmasking: client {r.sender} sent a malformed pair mask")
+        seeds = self._self_mask_seeds(answered)
+        masked = np.stack([self._inputs[u].masked for u in self.survivors_])
+        total = masked.sum(axis=0, dtype=np.uint64)
+        total -= prgs(seeds, self.dimension).sum(axis=0, dtype=np.uint64)
+        # Each survivor v added its mask for a dropped u, + if v < u; v's answer holds it.
+        plus = [answered[v].pair_masks[u] for u in self.dropped_ for v in self.survivors_ if v > u]
+        minus = [answered[v].pair_masks[u] for u in self.dropped_ for v in self.survivors_ if v < u]
+        total += signed_sum(plus, minus, self.dimension)
+        return self.codec.decode(total)
+
+    def _self_mask_seeds(self, answered: Mapping[int, Unmasking]) -> list[bytes]:
+        """Every survivor's self-mask seed, rebuilt from the first ``rebuild`` share holders'
+        answers and checked against its commitment."""
         responders = [v for v in self.holders if v in answered]
         require_quorum(len(responders), self.quorum.rebuild, "unmasking")
         responders = responders[: self.quorum.rebuild]
+        shares = [answered[v].self_mask_shares[u] for u in self.survivors_ for v in responders]
         try:
-            shares = np.array(
-                [
-                    [_SHARE.unpack(answered[v].self_mask_shares[u]) for v in responders]
-                    for u in self.survivors_
-                ],
-                dtype=np.int64,
-            )
-        except struct.error:
-            raise SecAggAbort("unmasking: a self-mask share is malformed") from None
-        seeds = rebuild_seeds(shares, [share_point(v) for v in responders])
-        total = np.zeros(self.dimension, dtype=np.uint64)
+            malformed = set(map(len, shares)) != {_SHARE.size}
+            blob = b"".join(shares)
+        except TypeError:
+            malformed = True
+        if malformed:
+            raise SecAggAbort("unmasking: a self-mask share is malformed")
+        limbs = np.frombuffer(blob, dtype=_SHARE_LIMB).astype(np.int64)
+        seeds = rebuild_seeds(
+            limbs.reshape(len(self.survivors_), len(responders), LIMBS),
+            [share_point(v) for v in responders],
+        )
         for u, seed in zip(self.survivors_, seeds, strict=True):
             if seed is None or not hmac.compare_digest(_commit(seed), self._inputs[u].commitment):
                 raise SecAggAbort(
                     f"unmasking: the shares of client {u}'s self mask do not match its commitment"
                 )
-            total += self._inputs[u].masked - prg(seed, self.dimension)
-        for u in self.dropped_:
-            # Each survivor v added its mask for u; the same round seed, now from v's answer.
-            seeds = [(v, answered[v].pair_seeds[u]) for v in self.survivors_]
-            total -= _signed_masks(
-                [seed for v, seed in seeds if v < u],
-                [seed for v, seed in seeds if v > u],
-                self.dimension,
-            )
-        return self.codec.decode(total)
+        return seeds

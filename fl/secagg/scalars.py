@@ -77,7 +77,7 @@ def vector(update: ClientUpdate, stats: FeatureStats, bound: float) -> np.ndarra
         ],
         dtype=np.float64,
     )
-    return np.clip(values, -bound, bound)  # NaN stays NaN: the encoder refuses it
+    return np.minimum(np.maximum(values, -bound), bound)  # NaN stays NaN: the encoder refuses it
 
 
 @dataclass(frozen=True)
