@@ -20,7 +20,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -38,7 +37,17 @@ class ServerFailed(RuntimeError):
     """The temporary server exited or did not answer in time."""
 
 
-def _free_port() -> int:
+def answers(api_url: str) -> bool:
+    """Whether the Prefect API at ``api_url`` answers its health check now."""
+    try:
+        urllib.request.urlopen(f"{api_url}/health", timeout=1.0).close()
+    except OSError:  # URLError included
+        return False
+    return True
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -70,7 +79,7 @@ class TemporaryServer:
         return f"http://127.0.0.1:{self.port}/api"
 
     def start(self) -> TemporaryServer:
-        self.port = _free_port()
+        self.port = free_port()
         command = [
             sys.executable,
             "-m",
@@ -94,11 +103,7 @@ class TemporaryServer:
 
     def ready(self) -> bool:
         """Whether the API answers now."""
-        try:
-            urllib.request.urlopen(f"{self.api_url}/health", timeout=1.0).close()
-        except (urllib.error.URLError, OSError):
-            return False
-        return True
+        return answers(self.api_url)
 
     def wait(self, timeout: float) -> str:
         deadline = time.monotonic() + timeout

@@ -174,21 +174,32 @@ def _pipeline(params: ModelParams, stats: FeatureStats, config: FLConfig, names:
     return pipe
 
 
-def _log_model(
-    uri: str, run_id: str, pipe, name: str, names: list[str], step: int | None = None
-) -> str:
-    """Log ``pipe`` as an MLflow logged model whose source is ``run_id``; with ``step``, also
-    as the run's output at that step. Return its URI.
+def _model_files(names: list[str]) -> dict[str, Any]:
+    """What every model fedtune logs is saved with: its signature (a row of ``names`` in, one
+    prediction out), its pinned pip requirements, and the skops format."""
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    example = pd.DataFrame(np.zeros((1, len(names))), columns=names)
+    return {
+        "signature": infer_signature(example, np.zeros(1)),
+        "pip_requirements": list(_pip_requirements()),
+        "serialization_format": "skops",
+    }
+
+
+def _log_model(uri: str, run_id: str, pipe, name: str, names: list[str], step: int) -> str:
+    """Log ``pipe`` as an MLflow logged model whose source is ``run_id`` and as the run's
+    output at ``step``. Return its URI.
 
     Only the final model is a run output. The run page lists a run's outputs in the order of
     their model ids, which are random (MLflow's SQL store reads them by primary key), so twenty
     round models there come out scrambled. As logged models of the run's experiment, named
-    ``round-001``... and created in round order, they list in order on the experiment's Models
-    tab (newest first), and the run page shows the one model a reader is looking for.
+    ``round-001``... and created in round order (:func:`_log_round_model`), they list in order
+    on the experiment's Models tab (newest first), and the run page shows the one model a
+    reader is looking for.
     """
     import mlflow
-    import pandas as pd
-    from mlflow.models import infer_signature
 
     client = _client(uri)
     # `log_model` has no client argument: it writes through the global tracking URI, and would
@@ -197,17 +208,8 @@ def _log_model(
     mlflow.set_tracking_uri(uri)
     experiment_id = _experiment_of(uri, run_id)
     model = client.create_logged_model(experiment_id, name=name, source_run_id=run_id)
-    example = pd.DataFrame(np.zeros((1, len(names))), columns=names)
-    signature = infer_signature(example, np.zeros(1))
-    output = {} if step is None else {"run_id": run_id, "step": step}
     info = mlflow.sklearn.log_model(
-        pipe,
-        name=name,
-        model_id=model.model_id,
-        signature=signature,
-        pip_requirements=list(_pip_requirements()),
-        serialization_format="skops",
-        **output,
+        pipe, name=name, model_id=model.model_id, run_id=run_id, step=step, **_model_files(names)
     )
     return info.model_uri
 
@@ -223,21 +225,12 @@ def _model_template(pipe, names: list[str]) -> Path:
     the signature, whose making (resolving and checking the pip requirements) costs most of a
     ``log_model``, are the same for all of them."""
     import mlflow.sklearn
-    import pandas as pd
-    from mlflow.models import infer_signature
 
     key = tuple(names)
     with _TEMPLATES_LOCK:
         if key not in _TEMPLATES:
             holder = tempfile.TemporaryDirectory(prefix="fedtune-model-")
-            example = pd.DataFrame(np.zeros((1, len(names))), columns=names)
-            mlflow.sklearn.save_model(
-                pipe,
-                Path(holder.name) / "model",
-                signature=infer_signature(example, np.zeros(1)),
-                pip_requirements=list(_pip_requirements()),
-                serialization_format="skops",
-            )
+            mlflow.sklearn.save_model(pipe, Path(holder.name) / "model", **_model_files(names))
             _TEMPLATES[key] = holder
         return Path(_TEMPLATES[key].name) / "model"
 

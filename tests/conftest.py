@@ -7,7 +7,6 @@ import os
 import shutil
 import tempfile
 import time
-import urllib.request
 
 import numpy as np
 import pandas as pd
@@ -67,15 +66,13 @@ def prefect_api():
 
 
 def _wait_healthy(url: str, timeout: float = 120.0) -> None:
+    from fedtune.flows.prefect_server import answers
+
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2).close()
-            return
-        except OSError as exc:
-            if time.monotonic() > deadline:
-                pytest.fail(f"the session's Prefect server at {url} did not start: {exc}")
-            time.sleep(0.1)
+    while not answers(url):
+        if time.monotonic() > deadline:
+            pytest.fail(f"the session's Prefect server at {url} did not answer in {timeout:g} s")
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ import yaml
 from fedtune.deployments.parameters import deployment_parameters
 from fedtune.deployments.serve import PREFECT_FILE, REPO, project_deployments
 from fedtune.fl.config import load_config
+from fedtune.flows.prefect_server import free_port
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.integration
@@ -172,12 +172,6 @@ def _tail(result: subprocess.CompletedProcess[str], lines: int = 40) -> str:
     return "\n".join((result.stdout + result.stderr).splitlines()[-lines:])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def _process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
     """Run ``args`` in a session of its own until the block ends, however it ends.
@@ -232,7 +226,7 @@ def _poll(
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory) -> Iterator[Prefect]:
     home = tmp_path_factory.mktemp("prefect-home")
-    port = str(_free_port())
+    port = str(free_port())
     api_url = f"http://127.0.0.1:{port}/api"
     env = {
         **os.environ,
