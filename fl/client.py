@@ -115,8 +115,9 @@ def train(
     With ``cfg.proximal_mu`` the local objective is FedProx's: see :func:`proximal_problem`.
     """
     start = time.perf_counter()
-    received = evaluate(ref, global_params, stats, cfg.chunk_size)
     data = open_client(ref)
+    received_model = global_params.to_raw(stats)
+    received: list[EvalSums] = []
     rs = client_random_state(ref.seed, round_num, ref.client_id)
     if cfg.proximal_mu:
         est, centre, scale = proximal_problem(cfg, global_params, rs)
@@ -125,7 +126,17 @@ def train(
     sse, n = 0.0, 0
     for epoch in range(cfg.local_epochs):
         last = epoch == cfg.local_epochs - 1
-        for X, y in data.chunks("train", cfg.chunk_size):
+        # The first epoch's pass also scores the received model on the test rows: one read
+        # of the data serves both (the scores are of the received model, whatever training
+        # does meanwhile).
+        if epoch == 0:
+            chunks = data.pass_chunks(cfg.chunk_size)
+        else:
+            chunks = (("train", X, y) for X, y in data.chunks("train", cfg.chunk_size))
+        for split, X, y in chunks:
+            if split == "test":
+                received.append(EvalSums.of(y, received_model.predict(X)))
+                continue
             Xs, ys = stats.standardise(X, y)
             if cfg.proximal_mu:  # same residuals, so train_loss is still the loss of w
                 Xs, ys = Xs / scale, ys - Xs @ centre
@@ -144,7 +155,7 @@ def train(
             "train_loss": sse / n * stats.target_scale**2,
             "seconds": time.perf_counter() - start,
         },
-        evaluation=received,
+        evaluation=EvalSums.merge_all(received),
     )
 
 

@@ -185,11 +185,28 @@ class ClientData:
             for start in range(0, y.shape[0], chunk_size):
                 yield X[start : start + chunk_size], y[start : start + chunk_size]
             return
+        for part, X, y in self.pass_chunks(chunk_size):
+            if part == split:
+                yield X, y
+
+    def pass_chunks(self, chunk_size: int) -> Iterator[tuple[Split, np.ndarray, np.ndarray]]:
+        """Both splits in one pass over the data: ``(split, X, y)``, where each split's chunks
+        come in the order :meth:`chunks` gives them. For files, a chunk of the file yields its
+        test rows, then its train rows (one read serves a round's evaluation and training);
+        in-memory sources give the test split, then the train split."""
+        if self.ref.data.source != "files":
+            for split in ("test", "train"):
+                for X, y in self.chunks(split, chunk_size):
+                    yield split, X, y
+            return
         rng = _rng(self.ref.seed, _STREAM_SPLIT, zlib.crc32(self.ref.client_id.encode()))
         for X, y in self._file_chunks(chunk_size):
-            keep = (rng.random(y.shape[0]) < self.ref.data.test_fraction) == want_test
-            if keep.any():
-                yield X[keep], y[keep]
+            test = rng.random(y.shape[0]) < self.ref.data.test_fraction
+            if test.any():
+                yield "test", X[test], y[test]
+            if not test.all():
+                train = ~test
+                yield "train", X[train], y[train]
 
     def _simulated_split(self, want_test: bool) -> tuple[np.ndarray, np.ndarray]:
         return _simulated_client(self.ref)[2 * int(want_test) : 2 * int(want_test) + 2]
@@ -236,9 +253,9 @@ class ClientData:
         if FILE_SUFFIXES[path.suffix.lower()] == "parquet":
             import pyarrow.parquet as pq
 
-            frames = (
-                b.to_pandas() for b in pq.ParquetFile(path).iter_batches(batch_size=chunk_size)
-            )
+            columns = [*features, target]
+            batches = pq.ParquetFile(path).iter_batches(batch_size=chunk_size, columns=columns)
+            frames = (_numeric_arrays(batch, columns) for batch in batches)
         else:
             import pandas as pd
 
@@ -260,7 +277,26 @@ class ClientData:
             raise ClientDataError(client, where, "no rows")
 
 
+def _numeric_arrays(batch, columns: list[str]):
+    """A Parquet record batch as one float64 array, straight from Arrow, when every column is
+    a numeric type without nulls (the common case: no pandas frame per chunk); otherwise the
+    batch as a pandas frame, for :func:`_validated` to convert or to name the bad value."""
+    import pyarrow.types as pat
+
+    arrays = [batch.column(name) for name in columns]
+    if not all(
+        (pat.is_floating(a.type) or pat.is_integer(a.type)) and a.null_count == 0 for a in arrays
+    ):
+        return batch.to_pandas()
+    values = np.empty((batch.num_rows, len(columns)), dtype=np.float64)
+    for j, a in enumerate(arrays):
+        values[:, j] = a.to_numpy(zero_copy_only=False)
+    return values
+
+
 def _validated(frame, features, target, first_row, client, where):
+    if isinstance(frame, np.ndarray):
+        return _finite(frame, [*features, target], first_row, client, where)
     import pandas as pd
 
     for column in [*features, target]:
@@ -277,10 +313,15 @@ def _validated(frame, features, target, first_row, client, where):
                 )
             frame[column] = converted
     values = frame[[*features, target]].to_numpy(dtype=np.float64)
+    return _finite(values, [*features, target], first_row, client, where)
+
+
+def _finite(values, columns, first_row, client, where):
+    """``(X, y)`` of a chunk's float64 values, or the first NaN or infinity, named."""
     finite = np.isfinite(values)
     if not finite.all():
         r, c = np.argwhere(~finite)[0]
-        column = [*features, target][c]
+        column = columns[c]
         raise ClientDataError(
             client,
             where,

@@ -36,6 +36,11 @@ class _Rows:
         for start in range(0, self.y.shape[0], chunk_size):
             yield self.X[start : start + chunk_size], self.y[start : start + chunk_size]
 
+    def pass_chunks(self, chunk_size):
+        for split in ("test", "train"):
+            for X, y in self.chunks(split, chunk_size):
+                yield split, X, y
+
 
 def _rows(n=40, seed=0):
     rng = np.random.default_rng(seed)

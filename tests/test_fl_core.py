@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 
 import numpy as np
+import pandas as pd
 import pytest
 from fedtune.fl import client, partition
 from fedtune.fl.config import ClientConfig, DataConfig, FLConfig
@@ -254,3 +255,58 @@ def test_clients_outside_the_majority_feature_space_are_set_aside():
     kept, rejected = consistent_reports(reports)
     assert [r.client_id for r in kept] == ["a", "b"]
     assert rejected[0][0] == "c" and "differ" in rejected[0][1]
+
+
+def test_one_pass_round_equals_scoring_then_training(tmp_path):
+    """A files client scores the received model and trains in one read of its file; the
+    result is the two-pass one bit for bit: the received model's sums on the test split
+    (by hand, from the test rows), then warm-started partial_fit over the train chunks."""
+    directory = write_client_files(tmp_path / "c", [700], kind="parquet")
+    ref = registry(DataConfig(source="files", path=str(directory), target="target"), 0)[0]
+    _, stats = combine_reports([client.feature_moments(ref, 64)])
+    global_params = ModelParams(np.array([0.3, -0.2, 0.1]), 0.05)
+    cfg = ClientConfig(chunk_size=64, local_epochs=2)
+    upd = client.train(ref, global_params, stats, cfg, round_num=3)
+
+    data = open_client(ref)
+    X_test = np.concatenate([X for X, _ in data.chunks("test", 64)])
+    y_test = np.concatenate([y for _, y in data.chunks("test", 64)])
+    residual = y_test - (
+        X_test @ global_params.to_raw(stats).coef + global_params.to_raw(stats).intercept
+    )
+    assert upd.evaluation.n == y_test.shape[0] > 0
+    assert upd.evaluation.sse == pytest.approx(float(residual @ residual), rel=1e-12)
+    est = global_params.warm_start(
+        client.make_estimator(cfg, client.client_random_state(ref.seed, 3, ref.client_id))
+    )
+    for _ in range(2):
+        for X, y in data.chunks("train", 64):
+            est.partial_fit(*stats.standardise(X, y))
+    np.testing.assert_array_equal(upd.params.coef, est.coef_)
+    assert upd.params.intercept == est.intercept_[0]
+
+
+def test_parquet_columns_of_any_numeric_type_read_as_pandas_reads_them(tmp_path):
+    """Integer and float columns come straight from Arrow; a null or a string column is
+    named with its row, as the pandas path names it."""
+    directory = tmp_path / "p"
+    directory.mkdir()
+    frame = pd.DataFrame(
+        {"a": np.arange(10, dtype=np.int32), "b": np.linspace(0, 1, 10), "target": np.arange(10.0)}
+    )
+    frame.to_parquet(directory / "site-0.parquet", index=False)
+    ref = registry(DataConfig(source="files", path=str(directory), target="target"), 0)[0]
+    X = np.concatenate([X for _, X, _ in open_client(ref).pass_chunks(4)])
+    assert X.dtype == np.float64 and X.shape == (10, 2)
+    np.testing.assert_array_equal(np.sort(X[:, 0]), np.arange(10.0))
+
+    frame["b"] = frame["b"].astype(object)
+    frame.loc[6, "b"] = None
+    frame.to_parquet(directory / "site-0.parquet", index=False)
+    with pytest.raises(ClientDataError, match=r"column 'b' row 6: nan \(NaN or inf\)"):
+        list(open_client(ref).pass_chunks(4))
+    frame["b"] = [str(v) for v in np.linspace(0, 1, 10)]
+    frame.loc[6, "b"] = "n/a"
+    frame.to_parquet(directory / "site-0.parquet", index=False)
+    with pytest.raises(ClientDataError, match=r"column 'b' row 6: non-numeric value 'n/a'"):
+        list(open_client(ref).pass_chunks(4))
