@@ -1,7 +1,8 @@
 """The round engine: one federated round, the same wherever its messages travel.
 
-A :class:`Run` is set up once (client statistics, exclusions, feature statistics, privacy plan,
-strategy) and then plays rounds on a :class:`RunState`:
+A :class:`Run` is set up once (the exchange opened, key setup included, then client statistics,
+exclusions, feature statistics, privacy plan, strategy) and then plays rounds on a
+:class:`RunState`:
 
     sample -> exchange with the clients -> screen -> score the previous model -> aggregate
     -> account for privacy -> evaluate centrally -> record (and checkpoint)
@@ -43,10 +44,10 @@ from fedtune.fl.params import FeatureStats, ModelParams, screen_updates
 from fedtune.fl.privacy import mechanisms
 from fedtune.fl.privacy.accounting import Accountant
 from fedtune.fl.privacy.plan import PrivacyPlan, budget_exhausted, plan_privacy, privacy_accountant
-from fedtune.fl.privacy.statistics import dp_statistics
+from fedtune.fl.privacy.statistics import dp_statistics, noised_statistics
 from fedtune.fl.rounds import EarlyStopping, clients_per_round, sample_round
 from fedtune.fl.secagg.primitives import SecAggAbort
-from fedtune.fl.statistics import combine_reports, consistent_reports
+from fedtune.fl.statistics import combine_reports, consistent_reports, pooled_from_sums
 from fedtune.fl.strategies import Strategy, make_strategy
 
 
@@ -58,6 +59,54 @@ def wire_bytes(message: Any) -> int:
 
 class RoundFailed(RuntimeError):
     """The run could not produce a model: no usable client, or no round succeeded."""
+
+
+def _feature_statistics(
+    config: FLConfig,
+    exchange: Exchange,
+    refs: list[ClientRef],
+    noise: np.random.Generator | None,
+) -> tuple[list[str], FeatureStats, set[str], Failures]:
+    """The run's feature names and statistics (DP ones when ``noise`` is given), the ids of
+    the clients that can take part and ``(client_id, reason)`` for those set aside. In the
+    clear every client sends its moments; under secure aggregation the server learns only
+    their sum (:meth:`fl.secagg.exchange.SecureExchange.summed_statistics`)."""
+    p = config.privacy
+    clip = None if noise is None else p.statistics_clip_norm
+    duplicates = duplicate_clients(config.data)
+    if not p.secure_aggregation:
+        reports, failed = exchange.statistics(refs)
+        reports, mismatched = consistent_reports(reports)
+        excluded = duplicates + failed + mismatched
+        _require_usable(reports, excluded)
+        names, stats = combine_reports(reports)
+        if noise is not None:
+            z = p.statistics_noise_multiplier
+            stats = dp_statistics(reports, len(refs), clip, z, noise)
+        return names, stats, {r.client_id for r in reports}, excluded
+    if not hasattr(exchange, "summed_statistics"):
+        raise ValueError(
+            "privacy.secure_aggregation: this exchange sends the feature moments in the clear; "
+            "use fl.secagg's exchange"
+        )
+    try:
+        summed = exchange.summed_statistics(refs, clip)
+    except SecAggAbort as exc:
+        # Fail closed: no statistics, so no run.
+        raise RoundFailed(f"the feature statistics' secure round failed closed: {exc}") from None
+    excluded = duplicates + summed.excluded
+    _require_usable(summed.included, excluded)
+    if noise is None:
+        stats = pooled_from_sums(summed.total)
+    else:
+        z = p.statistics_noise_multiplier
+        stats = noised_statistics(summed.total, len(refs), clip, z, noise)
+    return summed.names, stats, set(summed.included), excluded
+
+
+def _require_usable(usable: list, excluded: Failures) -> None:
+    if not usable:
+        raise RoundFailed("no client has usable data: " + "; ".join(w for _, w in excluded[:3]))
 
 
 @dataclass
@@ -155,42 +204,30 @@ class Run:
         init: tuple[str, InitModel] | None = None,
         rng: np.random.Generator | None = None,
     ) -> Run:
-        """Ask every client for its feature moments, set aside the clients that cannot take
-        part (with a reason each), form the feature statistics (an ``init`` model's, when
-        fine-tuning; DP ones under DP) and plan privacy. ``rng`` is the DP randomness (noise
-        and sampling): the OS's CSPRNG unless a test injects a generator."""
+        """Ready the exchange (key setup under secure aggregation), ask every client for its
+        feature moments, set aside the clients that cannot take part (with a reason each), form
+        the feature statistics (an ``init`` model's, when fine-tuning; DP ones under DP) and
+        plan privacy. ``rng`` is the DP randomness (noise and sampling): the OS's CSPRNG unless
+        a test injects a generator."""
         refs = registry(config.data, config.experiment.seed)
         # Under DP, N (the denominator, q * N) is the registered count: public, whatever the
         # clients' data turns out to be.
         plan = plan_privacy(config, len(refs))
         if plan is not None and rng is None:
             rng = mechanisms.secret_rng()
-        reports, failed = exchange.statistics(refs)
-        reports, mismatched = consistent_reports(reports)
-        excluded = duplicate_clients(config.data) + failed + mismatched
-        if not reports:
-            raise RoundFailed("no client has usable data: " + "; ".join(w for _, w in excluded[:3]))
-        usable = {r.client_id for r in reports}
-        registered = len(refs)
+        # Keys first: under secure aggregation the statistics are a secure round of their own.
+        setup_seconds = exchange.open(refs)
+        # A child stream for the statistics' noise: the rounds' noise and sampling draw from
+        # ``rng`` as they would without the statistics (a resumed run, which reuses its
+        # released statistics, continues the same stream).
+        noise = None if plan is None else rng.spawn(1)[0]
+        names, stats, usable, excluded = _feature_statistics(config, exchange, refs, noise)
         refs = [ref for ref in refs if ref.client_id in usable]
-        names, stats = combine_reports(reports)
-        if plan is not None:
-            p = config.privacy
-            # A child stream: the rounds' noise and sampling draw from ``rng`` as they would
-            # without the statistics (a resumed run, which reuses its released statistics,
-            # continues the same stream).
-            stats = dp_statistics(
-                reports,
-                registered,
-                p.statistics_clip_norm,
-                p.statistics_noise_multiplier,
-                rng.spawn(1)[0],
-            )
         if init is not None:
             stats = init[1].stats_for(stats, init[0])
         strategy = make_strategy(config, plan, rng)
         run = cls(config, exchange, refs, names, stats, strategy, plan, excluded, rng)
-        run.setup_seconds = exchange.open(refs)
+        run.setup_seconds = setup_seconds
         return run
 
     # -- state ---------------------------------------------------------------------------------

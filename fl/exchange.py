@@ -65,13 +65,15 @@ class Returned:
 class Exchange(Protocol):
     """How the server reaches the clients."""
 
-    def statistics(self, refs: list[ClientRef]) -> tuple[list[StatsReport], Failures]:
-        """Every client's feature moments (no rows)."""
+    def open(self, refs: list[ClientRef]) -> float:
+        """Ready the exchange for the run's registered clients, before any other step (key
+        setup under secure aggregation); returns the seconds it took."""
         ...
 
-    def open(self, refs: list[ClientRef]) -> float:
-        """Ready the exchange for the run's clients (key setup under secure aggregation);
-        returns the seconds it took."""
+    def statistics(self, refs: list[ClientRef]) -> tuple[list[StatsReport], Failures]:
+        """Every client's feature moments (no rows), in the clear. Under secure aggregation
+        the exchange has ``summed_statistics`` instead (:mod:`fl.secagg.statistics`): the
+        server learns only the sum of the moments."""
         ...
 
     def train(self, sampled: list[ClientRef], broadcast: Broadcast, round_num: int) -> Returned:

@@ -79,13 +79,11 @@ class PrefectExchange:
 
     def __init__(self, config: FLConfig):
         self.config = config
-        self.slots = parallel_tasks(config.runner)
         self.trainer = train_client.with_options(
             retries=config.client.retries, retry_delay_seconds=config.client.retry_delay_s
         )
 
     def statistics(self, refs: list[ClientRef]) -> tuple[list[StatsReport], Failures]:
-        check_placement(self.config, refs)  # the run's first client tasks come next
         chunk = self.config.client.chunk_size
         answered, failures = collect(
             client_statistics.map([quote(ref) for ref in refs], unmapped(chunk)), refs
@@ -93,11 +91,16 @@ class PrefectExchange:
         return list(answered.values()), failures
 
     def open(self, refs: list[ClientRef]) -> float:
+        # The run's first client tasks come next (under secure aggregation, its key setup).
+        check_placement(self.config, refs)
         return 0.0
 
     def train(self, sampled: list[ClientRef], broadcast: Broadcast, round_num: int) -> Returned:
         batches = placed_batches(
-            sampled, self.config.rounds.clients_per_task, self.config.runner.silos, self.slots
+            sampled,
+            self.config.rounds.clients_per_task,
+            self.config.runner.silos,
+            parallel_tasks(self.config.runner),
         )
         if len(batches) < len(sampled):
             return self._train_batches(sampled, batches, broadcast, round_num)

@@ -20,10 +20,11 @@ from fedtune.fl.params import MaskedUpdate
 from fedtune.fl.secagg import parties
 from fedtune.fl.secagg.bonawitz import AdvertisedKeys, EncryptedShare, UnmaskingResponse
 from fedtune.fl.secagg.identity import PublicParameters
-from fedtune.fl.secagg.primitives import Segments
+from fedtune.fl.secagg.primitives import Codec, Segments
 from fedtune.fl.secagg.run_keys import PublicKey, Quorum, Unmasking
+from fedtune.fl.secagg.statistics import StatisticsRequest
 from fedtune.tasks import TASK_OPTIONS
-from fedtune.tasks.client import settles_expected_failures
+from fedtune.tasks.client import log_placement, settles_expected_failures
 from prefect import Task, task
 from prefect.runtime import task_run
 
@@ -39,6 +40,50 @@ def enroll(session: str, config: FLConfig) -> None:
 @task(name="secagg-setup", task_run_name="secagg-setup-{ref.client_id}", **TASK_OPTIONS)
 def make_keys(ref: ClientRef, session: str, run_keys: bool) -> PublicKey | None:
     return parties.make_keys(KEYS, ref, session, run_keys)
+
+
+# -- the feature statistics (fl.secagg.statistics): round 0, its task runs named "stats-..." ---
+
+
+@task(name="secagg-stats-schema", task_run_name="stats-schema-{ref.client_id}", **TASK_OPTIONS)
+@settles_expected_failures  # bad data: the client is set aside with the reason, no traceback
+def statistics_schema(ref: ClientRef, session: str, chunk_size: int) -> list[str]:
+    log_placement([ref])
+    return parties.statistics_schema(KEYS, ref, session, chunk_size)
+
+
+@task(name="secagg-stats-masked", task_run_name="stats-masked-{ref.client_id}", **TASK_OPTIONS)
+@settles_expected_failures
+def statistics_run_masked(
+    ref: ClientRef,
+    session: str,
+    roster: list[PublicKey],
+    quorum: Quorum,
+    codec: Codec,
+    request: StatisticsRequest,
+    chunk_size: int,
+    round_num: int,
+) -> MaskedUpdate:
+    return parties.statistics_run_masked(
+        KEYS, ref, session, roster, quorum, codec, request, chunk_size, round_num
+    )
+
+
+@task(name="secagg-stats-masked", task_run_name="stats-masked-{ref.client_id}", **TASK_OPTIONS)
+@settles_expected_failures
+def statistics_round_masked(
+    ref: ClientRef,
+    inbox: list[EncryptedShare],
+    session: str,
+    roster: list[AdvertisedKeys],
+    run_session: str,
+    request: StatisticsRequest,
+    chunk_size: int,
+    round_num: int,
+) -> MaskedUpdate:
+    return parties.statistics_round_masked(
+        KEYS, ref, inbox, session, roster, run_session, request, chunk_size, round_num
+    )
 
 
 # -- keys once per run (fl.secagg.run_keys) ----------------------------------------------------
@@ -177,6 +222,14 @@ def unmasking_shares(
     )
 
 
+def _statistics_round(step: Task[..., Any], what: str) -> Task[..., Any]:
+    """A protocol step as the statistics round runs it: the same task, its runs named
+    ``stats-{what}-{client}`` (the round is not a training round)."""
+    return step.with_options(
+        name=f"secagg-stats-{what}", task_run_name=f"stats-{what}-{{ref.client_id}}"
+    )
+
+
 STEPS: dict[str, Task[..., Any]] = {
     "setup": make_keys,
     "run-train": train_run_masked,
@@ -187,6 +240,15 @@ STEPS: dict[str, Task[..., Any]] = {
     "round-train": train_masked,
     "round-consistency": consistency_check,
     "round-unmask": unmasking_shares,
+    "stats-schema": statistics_schema,
+    "stats-run-masked": statistics_run_masked,
+    "stats-run-consistency": _statistics_round(run_consistency, "consistency"),
+    "stats-run-unmask": _statistics_round(run_unmasking, "unmask"),
+    "stats-round-keys": _statistics_round(advertise_keys, "keys"),
+    "stats-round-shares": _statistics_round(share_keys, "shares"),
+    "stats-round-masked": statistics_round_masked,
+    "stats-round-consistency": _statistics_round(consistency_check, "consistency"),
+    "stats-round-unmask": _statistics_round(unmasking_shares, "unmask"),
 }
 """The task of every client step of :data:`fl.secagg.parties.STEPS`."""
 

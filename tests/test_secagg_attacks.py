@@ -137,26 +137,37 @@ def _far(recovered: np.ndarray, x: np.ndarray) -> bool:
 
 class RunKeysRound:
     """The server's side of a keys-once-per-run round, honest or not: it forwards ``roster_for``
-    each client, then plays :meth:`masked_inputs`, :meth:`views` and :meth:`unmask`."""
+    each client, then plays :meth:`masked_inputs`, :meth:`views` and :meth:`unmask`. A training
+    round by default; a subclass that overrides :meth:`mask` (with its own round number and
+    codec) plays another round of the run, tests/test_secagg_statistics.py the statistics'."""
 
-    def __init__(self, dep: Deployment):
+    round_num = ROUND
+
+    def __init__(self, dep: Deployment, codec: Segments | None = None):
         self.dep = dep
+        self.codec = dep.codec if codec is None else codec
         self.quorum = dep.quorum()
         self.cohort = sorted(dep.keys)
-        self.server = RunKeysServer(ROUND, self.cohort, self.quorum, dep.codec, dep.codec.size)
+        r = self.round_num
+        self.server = RunKeysServer(r, self.cohort, self.quorum, self.codec, self.codec.size)
         self.refusals: dict[int, str] = {}
 
     def roster_for(self, v: int) -> list[PublicKey]:
         return [self.dep.keys[u] for u in self.cohort]
 
+    def mask(self, ref: ClientRef) -> run_keys.MaskedInput:
+        """The client's masked input of the round, under the roster it is sent."""
+        dep = self.dep
+        return train_run_masked(
+            dep.store, ref, SESSION, self.roster_for(ref.index), self.quorum, self.codec,
+            dep.broadcast, dep.config.client, ROUND,
+        ).masked  # fmt: skip
+
     def masked_inputs(self) -> dict[int, run_keys.MaskedInput]:
-        dep, inputs = self.dep, {}
-        for ref in dep.refs:
+        inputs = {}
+        for ref in self.dep.refs:
             try:
-                inputs[ref.index] = train_run_masked(
-                    dep.store, ref, SESSION, self.roster_for(ref.index), self.quorum, dep.codec,
-                    dep.broadcast, dep.config.client, ROUND,
-                ).masked  # fmt: skip
+                inputs[ref.index] = self.mask(ref)
             except SecAggAbort as exc:
                 self.refusals[ref.index] = str(exc)
         return inputs
@@ -164,10 +175,10 @@ class RunKeysRound:
     def unmask(self, inputs, views: dict[int, list[int]]) -> dict[int, run_keys.Unmasking]:
         """Each survivor signs the set it is sent; then each gets its set, every signature the
         server holds (the best it can do) and the shares its set calls for."""
-        dep, signatures, answers = self.dep, {}, {}
+        dep, signatures, answers, r = self.dep, {}, {}, self.round_num
         for v, view in views.items():
             try:
-                signatures[v] = run_consistency(dep.store, dep.refs[v], SESSION, view, ROUND)
+                signatures[v] = run_consistency(dep.store, dep.refs[v], SESSION, view, r)
             except SecAggAbort as exc:
                 self.refusals[v] = str(exc)
         for v, view in views.items():
@@ -175,7 +186,7 @@ class RunKeysRound:
             inbox = {u: inputs[u].shares[v] for u in view if u != v} if holder else {}
             try:
                 answers[v] = run_unmasking(
-                    dep.store, dep.refs[v], inbox, SESSION, view, signatures, ROUND
+                    dep.store, dep.refs[v], inbox, SESSION, view, signatures, r
                 )
             except SecAggAbort as exc:
                 self.refusals[v] = str(exc)
@@ -194,7 +205,7 @@ def split_views(cohort: list[int], holders: list[int], target: int) -> dict[int,
 def reconstruct_run(round_: RunKeysRound, target: int, inputs, answers) -> np.ndarray:
     """The target's input as far as the server can unmask it: its self mask, if ``rebuild``
     holders sent shares of it, and every pairwise mask that someone revealed."""
-    size, quorum = round_.dep.codec.size, round_.quorum
+    size, quorum = round_.codec.size, round_.quorum
     y = inputs[target].masked.copy()
     shares = [(v, a.self_mask_shares.get(target)) for v, a in answers.items()]
     shares = [(v, s) for v, s in shares if s is not None][: quorum.rebuild]
@@ -208,7 +219,7 @@ def reconstruct_run(round_: RunKeysRound, target: int, inputs, answers) -> np.nd
         mask = own.get(v) or (answers[v].pair_masks.get(target) if v in answers else None)
         if v != target and mask is not None:
             y -= _pair_mask(target, v, mask)
-    return round_.dep.codec.decode(y)
+    return round_.codec.decode(y)
 
 
 class TrustsAnySurvivorSet(RunKeysClient):
@@ -262,27 +273,45 @@ class SkipsChecks(SecAggClient):
 class FreshKeysRound:
     """The server's side of a fresh-keys round, honest or not, up to the masked inputs; with
     ``threshold`` its own choice of t. ``party``: the clients' class (the real one by
-    default)."""
+    default). A training round, unless a subclass overrides :meth:`mask` (and the round number
+    and codec)."""
 
-    def __init__(self, dep: Deployment, threshold: int, party: type[SecAggClient] | None):
+    round_num = ROUND
+
+    def __init__(
+        self,
+        dep: Deployment,
+        threshold: int,
+        party: type[SecAggClient] | None,
+        codec: Segments | None = None,
+    ):
         self.dep, self.threshold, self.party = dep, threshold, party
+        self.codec = dep.codec if codec is None else codec
         self.session = "round-session"
-        self.server = SecAggServer(threshold, dep.codec, dep.codec.size)
+        self.server = SecAggServer(threshold, self.codec, self.codec.size)
         self.refusals: dict[int, str] = {}
 
     def keys(self, ref: ClientRef) -> AdvertisedKeys:
-        dep = self.dep
+        dep, r = self.dep, self.round_num
         if self.party is None:
             return advertise_keys(
-                dep.store, ref, self.session, SESSION, self.threshold, dep.codec, ROUND
+                dep.store, ref, self.session, SESSION, self.threshold, self.codec, r
             )
         member = dep.store.member(SESSION, ref)
-        client = self.party(member, self.session, ROUND, self.threshold, dep.codec)
+        client = self.party(member, self.session, r, self.threshold, self.codec)
         dep.store.put(self.session, ref, client)
         return client.advertise_keys()
 
     def roster_for(self, v: int, roster: list[AdvertisedKeys]) -> list[AdvertisedKeys]:
         return roster
+
+    def mask(self, ref: ClientRef, inbox, roster: list[AdvertisedKeys]) -> np.ndarray:
+        """The client's masked input of the round, under the roster it is sent."""
+        dep = self.dep
+        return train_masked(
+            dep.store, ref, inbox, self.session, self.roster_for(ref.index, roster),
+            dep.broadcast, dep.config.client, ROUND,
+        ).masked  # fmt: skip
 
     def masked_inputs(self) -> tuple[list[AdvertisedKeys], dict, dict[int, np.ndarray]]:
         """Keys, shares and masked inputs; raises SecAggAbort where the honest server would."""
@@ -291,39 +320,27 @@ class FreshKeysRound:
         for ref in dep.refs:
             mine = self.roster_for(ref.index, roster)
             try:
-                outboxes.append(share_keys(dep.store, ref, self.session, mine, ROUND))
+                outboxes.append(share_keys(dep.store, ref, self.session, mine, self.round_num))
             except SecAggAbort as exc:
                 self.refusals[ref.index] = str(exc)
         self.outboxes = outboxes
         inboxes = self.server.route_shares(outboxes)
-        masked = {
-            ref.index: train_masked(
-                dep.store,
-                ref,
-                inboxes[ref.index],
-                self.session,
-                self.roster_for(ref.index, roster),
-                dep.broadcast,
-                dep.config.client,
-                ROUND,
-            ).masked  # fmt: skip
-            for ref in dep.refs
-        }
+        masked = {ref.index: self.mask(ref, inboxes[ref.index], roster) for ref in dep.refs}
         return roster, inboxes, masked
 
     def unmask(self, roster, inboxes, views: dict[int, list[int]]) -> dict:
-        dep, signatures, answers = self.dep, {}, {}
+        dep, signatures, answers, r = self.dep, {}, {}, self.round_num
         for step in ("sign", "unmask"):
             for v, view in views.items():
                 ref, inbox = dep.refs[v], inboxes[v]
                 try:
                     if step == "sign":
                         signatures[v] = consistency_check(
-                            dep.store, ref, inbox, self.session, roster, view, ROUND
+                            dep.store, ref, inbox, self.session, roster, view, r
                         )
                     else:
                         answers[v] = unmasking_shares(
-                            dep.store, ref, inbox, self.session, roster, view, signatures, ROUND
+                            dep.store, ref, inbox, self.session, roster, view, signatures, r
                         )
                 except SecAggAbort as exc:
                     self.refusals[v] = str(exc)

@@ -16,6 +16,10 @@ and Σy would come out exactly. Under DP they are released as a Gaussian mechani
   cannot produce a zero or negative scale;
 * ``count`` (the scaler's ``n_samples_seen_``) is ``N``, public, not a row count.
 
+Each client clips its own vector (:func:`clipped_vector`); the server noises the sum
+(:func:`noised_statistics`), which under secure aggregation is all it ever sees of the vectors
+(:mod:`fl.secagg.statistics`): the mechanism and its accounting are the same either way.
+
 Adding or removing one client moves ``Σ v_i`` by at most ``C_s``, so this is the Gaussian
 mechanism with multiplier ``z_s``, over every client (no sampling); the accountant composes it
 with the training rounds (:mod:`fl.privacy.accounting`) and ε includes it.
@@ -42,6 +46,17 @@ def client_vector(report: StatsReport) -> np.ndarray:
     return np.concatenate([m.mean, np.sqrt(m.m2 / m.count)])
 
 
+def clipped_vector(report: StatsReport, clip_norm: float) -> np.ndarray:
+    """What one client adds to the sum: its :func:`client_vector` clipped to L2 norm
+    ``clip_norm`` (so every coordinate lies within ``clip_norm``), or zeros if it is not
+    finite: such a client adds nothing, and one client cannot stop the run. Under secure
+    aggregation the client computes it itself and only the masked vector leaves it."""
+    vector = client_vector(report)
+    if not np.all(np.isfinite(vector)):
+        return np.zeros_like(vector)
+    return clip_update(vector, clip_norm)[0]
+
+
 def dp_statistics(
     reports: Sequence[StatsReport],
     num_clients: int,
@@ -57,9 +72,21 @@ def dp_statistics(
         raise ValueError(f"num_clients ({num_clients}) < reports ({len(reports)})")
     total = np.zeros(2 * reports[0].moments.mean.shape[0])
     for report in reports:
-        vector = client_vector(report)
-        if np.all(np.isfinite(vector)):  # else it adds nothing: one client cannot stop the run
-            total += clip_update(vector, clip_norm)[0]
+        total += clipped_vector(report, clip_norm)
+    return noised_statistics(total, num_clients, clip_norm, noise_multiplier, rng)
+
+
+def noised_statistics(
+    total: np.ndarray,
+    num_clients: int,
+    clip_norm: float,
+    noise_multiplier: float,
+    rng: np.random.Generator,
+) -> FeatureStats:
+    """The server's half of the mechanism: ``total``, the sum of the clients'
+    :func:`clipped_vector` (in the clear, or recovered by secure aggregation), plus
+    ``N(0, (z_s C_s)^2)`` on every coordinate, over the ``num_clients`` registered clients."""
+    total = np.asarray(total, dtype=np.float64)
     stddev = noise_multiplier * clip_norm
     noisy = (total + rng.normal(0.0, stddev, total.shape)) / num_clients
     columns = total.shape[0] // 2

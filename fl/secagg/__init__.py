@@ -12,7 +12,8 @@ Two protocols, chosen by ``privacy.secagg_keys``:
 Both build on :mod:`fl.secagg.primitives` (fixed-point encoding, the PRG, key derivation and
 agreement, Shamir sharing) and :mod:`fl.secagg.identity` (signed keys, the directory of
 identity keys, the consistency check), and mask what :mod:`fl.secagg.scalars` appends to the
-strategy's contribution (counts, losses, evaluation sums).
+strategy's contribution (counts, losses, evaluation sums); the feature statistics are a round
+of their own before training (:mod:`fl.secagg.statistics`).
 
 The server may be actively malicious within the protocol (drop, delay, send different clients
 different views, substitute keys): it learns the sum over at least t clients, or the round

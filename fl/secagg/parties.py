@@ -26,12 +26,14 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from fedtune.fl import client as fl_client
 from fedtune.fl import faults as fl_faults
 from fedtune.fl.config import ClientConfig, FaultsConfig, FLConfig
 from fedtune.fl.data import ClientRef
 from fedtune.fl.exchange import Broadcast, Failures, TimedOut, reason
 from fedtune.fl.params import MaskedUpdate
 from fedtune.fl.secagg import scalars
+from fedtune.fl.secagg import statistics as secagg_statistics
 from fedtune.fl.secagg.bonawitz import (
     AdvertisedKeys,
     EncryptedShare,
@@ -39,8 +41,10 @@ from fedtune.fl.secagg.bonawitz import (
     UnmaskingResponse,
 )
 from fedtune.fl.secagg.identity import Directory, Identity, Membership, PublicParameters
-from fedtune.fl.secagg.primitives import Segments
+from fedtune.fl.secagg.primitives import Codec, Segments
 from fedtune.fl.secagg.run_keys import PublicKey, Quorum, RunKeysClient, Unmasking
+from fedtune.fl.secagg.statistics import StatisticsRequest
+from fedtune.fl.statistics import StatsReport
 
 Sleep = Callable[[float], None]
 
@@ -52,6 +56,7 @@ class KeyStore:
     def __init__(self) -> None:
         self._parties: dict[tuple[str, str], SecAggClient | RunKeysClient] = {}
         self._members: dict[tuple[str, str], Membership] = {}
+        self._reports: dict[tuple[str, str], StatsReport] = {}
         self._runs: dict[str, tuple[Directory, PublicParameters]] = {}
         self._lock = threading.Lock()
 
@@ -101,6 +106,18 @@ class KeyStore:
             )
         return found
 
+    def keep_report(self, session: str, ref: ClientRef, report: StatsReport) -> None:
+        """Keep the client's feature moments between the statistics round's two steps."""
+        with self._lock:
+            self._reports[(session, ref.client_id)] = report
+
+    def take_report(self, session: str, ref: ClientRef, chunk_size: int) -> StatsReport:
+        """The moments kept for the client (read afresh if this place kept none), forgotten
+        here once taken."""
+        with self._lock:
+            report = self._reports.pop((session, ref.client_id), None)
+        return fl_client.feature_moments(ref, chunk_size) if report is None else report
+
     def drop(self, session: str, ref: ClientRef) -> None:
         with self._lock:
             self._parties.pop((session, ref.client_id), None)
@@ -109,7 +126,7 @@ class KeyStore:
         """Drop whatever keys a session left behind: a client discards its secrets once the run
         (or, for per-round keys, the round) is over, whether it answered or not."""
         with self._lock:
-            for store in (self._parties, self._members):
+            for store in (self._parties, self._members, self._reports):
                 for key in [k for k in store if k[0] == session]:
                     del store[key]
             self._runs.pop(session, None)
@@ -146,6 +163,64 @@ def make_keys(store: KeyStore, ref: ClientRef, session: str, run_keys: bool) -> 
     party = RunKeysClient(member, session)  # fresh secrets from the OS, once per run
     store.put(session, ref, party)
     return party.public_key()
+
+
+# -- the feature statistics (fl.secagg.statistics) ---------------------------------------------
+
+
+def statistics_schema(store: KeyStore, ref: ClientRef, session: str, chunk_size: int) -> list[str]:
+    """The statistics round's first step: read the moments, keep them, send the feature names
+    only (a data error is the client's answer: it is set aside with the reason)."""
+    report = fl_client.feature_moments(ref, chunk_size)
+    store.keep_report(session, ref, report)
+    return list(report.feature_names)
+
+
+def _statistics_vector(
+    store: KeyStore,
+    ref: ClientRef,
+    session: str,
+    request: StatisticsRequest,
+    chunk_size: int,
+    codec: Codec,
+):
+    report = store.take_report(session, ref, chunk_size)
+    return secagg_statistics.checked_vector(report, request, codec)
+
+
+def statistics_run_masked(
+    store: KeyStore,
+    ref: ClientRef,
+    session: str,
+    roster: list[PublicKey],
+    quorum: Quorum,
+    codec: Codec,
+    request: StatisticsRequest,
+    chunk_size: int,
+    round_num: int,
+) -> MaskedUpdate:
+    """The statistics round's masked vector, with keys once per run."""
+    party: RunKeysClient = store.get(session, ref)
+    x = _statistics_vector(store, ref, session, request, chunk_size, codec)
+    return MaskedUpdate(ref.client_id, party.masked_input(x, round_num, roster, quorum, codec))
+
+
+def statistics_round_masked(
+    store: KeyStore,
+    ref: ClientRef,
+    inbox: list[EncryptedShare],
+    session: str,
+    roster: list[AdvertisedKeys],
+    run_session: str,
+    request: StatisticsRequest,
+    chunk_size: int,
+    round_num: int,
+) -> MaskedUpdate:
+    """The statistics round's masked vector, with fresh keys (``session`` the round's key
+    session, ``run_session`` the run's, where the moments were kept)."""
+    party: SecAggClient = store.get(session, ref)
+    x = _statistics_vector(store, ref, run_session, request, chunk_size, party.codec)
+    return MaskedUpdate(ref.client_id, party.masked_input(x, roster, inbox))
 
 
 # -- keys once per run (fl.secagg.run_keys) ----------------------------------------------------
@@ -278,6 +353,17 @@ STEPS: dict[str, Callable[..., Any]] = {
     "round-train": train_masked,
     "round-consistency": consistency_check,
     "round-unmask": unmasking_shares,
+    # The statistics round: the same steps (and two of its own), named apart so that a
+    # deployment can tell them from a training round's.
+    "stats-schema": statistics_schema,
+    "stats-run-masked": statistics_run_masked,
+    "stats-run-consistency": run_consistency,
+    "stats-run-unmask": run_unmasking,
+    "stats-round-keys": advertise_keys,
+    "stats-round-shares": share_keys,
+    "stats-round-masked": statistics_round_masked,
+    "stats-round-consistency": consistency_check,
+    "stats-round-unmask": unmasking_shares,
 }
 """Every client step, by the name the server calls it with."""
 

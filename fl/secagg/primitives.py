@@ -1,9 +1,9 @@
 """Building blocks of secure aggregation, shared by :mod:`fl.secagg.bonawitz` and
 :mod:`fl.secagg.run_keys`: failing closed, fixed-point encoding into Z_(2^64) (in segments of
-their own scale, :class:`Segments`), the PRG that expands mask seeds, key derivation and
-agreement, and Shamir sharing (of secrets over GF(2^521 - 1), and of 32-byte seeds, vectorised,
-over a small prime). Signing keys and the directory of public keys are in
-:mod:`fl.secagg.identity`.
+their own scale, :class:`Segments`; exact sums of wide values in limbs,
+:class:`ExactFixedPoint`), the PRG that expands mask seeds, key derivation and agreement, and
+Shamir sharing (of secrets over GF(2^521 - 1), and of 32-byte seeds, vectorised, over a small
+prime). Signing keys and the directory of public keys are in :mod:`fl.secagg.identity`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import secrets
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
@@ -99,9 +100,9 @@ class FixedPoint:
         if not np.all(np.isfinite(x)):
             raise ValueError("x: has non-finite values")
         if np.any(np.abs(x) > self.bound):
+            # The message goes to the server: it names the bound, never the client's value.
             raise ValueError(
-                f"x: value {float(np.max(np.abs(x)))!r} is outside the secure-aggregation bound "
-                f"[-{self.bound}, {self.bound}]"
+                f"x: a value is outside the secure-aggregation bound [-{self.bound}, {self.bound}]"
             )
 
     def decode(self, v: np.ndarray) -> np.ndarray:
@@ -162,7 +163,95 @@ def _scales(parts: tuple[tuple[int, FixedPoint], ...]) -> tuple[np.ndarray, np.n
     return bounds, bits
 
 
-Codec = FixedPoint | Segments
+@dataclass(frozen=True)
+class ExactFixedPoint:
+    """Exact sums of rational numbers of any realistic magnitude, in Z_(2^64) slots.
+
+    :class:`FixedPoint` has 64 bits a value: a resolution of 2^-24 leaves 2^39 for the sum,
+    too little for a sum of squares of raw data (a column near 10^9 squares to 10^18 a row).
+    Here each value ``v`` is rounded to ``V = round(v * 2^frac_bits)``, an integer of
+    :data:`EXACT_BITS` bits in two's complement, and sent as :data:`EXACT_LIMBS` limbs of
+    :data:`LIMB_BITS` bits, one limb a ``uint64`` slot, least significant first. A slot's sum
+    over at most :data:`EXACT_MAX_CLIENTS` clients stays below 2^64, so the masks cancel and
+    every slot's sum is exact; :meth:`decode` carries the limbs back into one integer.
+
+    With the defaults (384 bits, 160 of them fractional) a float64 of magnitude at least
+    2^-108 (3e-33) is encoded exactly (its last mantissa bit is worth 2^-160 or more), a
+    smaller one to within 2^-161, and a client's values may reach 2^207 (2e62) in magnitude:
+    the sum of ``n`` clients' values is the exact sum of what they encoded.
+
+    Parameters
+    ----------
+    count : how many values a vector holds (it is sent as ``count * EXACT_LIMBS`` slots).
+    """
+
+    count: int
+    frac_bits: int = 160
+
+    @property
+    def size(self) -> int:
+        return self.count * EXACT_LIMBS
+
+    @property
+    def resolution(self) -> Fraction:
+        return Fraction(1, 2**self.frac_bits)
+
+    @property
+    def bound(self) -> Fraction:
+        """The largest magnitude one client's value may have: the sum of
+        :data:`EXACT_MAX_CLIENTS` of them cannot reach 2^(EXACT_BITS - 1)."""
+        return Fraction(_EXACT_VALUE_LIMIT, 2**self.frac_bits)
+
+    def check_capacity(self, num_clients: int) -> None:
+        if not num_clients <= EXACT_MAX_CLIENTS:
+            raise ValueError(
+                f"secure aggregation would overflow: {num_clients} clients, exact sums take at "
+                f"most {EXACT_MAX_CLIENTS}"
+            )
+
+    def encode(self, values) -> np.ndarray:
+        """The limbs of every value (an int, float or :class:`fractions.Fraction`), in order."""
+        values = list(values)
+        if len(values) != self.count:
+            raise ValueError(f"x: expected {self.count} values, got {len(values)}")
+        limbs = np.empty((self.count, EXACT_LIMBS), dtype=np.uint64)
+        for i, v in enumerate(values):
+            if isinstance(v, float | np.floating) and not math.isfinite(v):
+                raise ValueError("x: has non-finite values")
+            scaled = round(Fraction(v) * 2**self.frac_bits)
+            if abs(scaled) >= _EXACT_VALUE_LIMIT:
+                limit = f"{float(self.bound):.3g}"
+                raise ValueError(f"x: a value is outside the exact bound {limit}")
+            word = scaled % 2**EXACT_BITS
+            limbs[i] = [(word >> (LIMB_BITS * k)) & _LIMB_MASK for k in range(EXACT_LIMBS)]
+        return limbs.reshape(-1)
+
+    def decode(self, v: np.ndarray) -> list[Fraction]:
+        """The exact values (of one vector, or of a sum of at most
+        :data:`EXACT_MAX_CLIENTS` vectors) as fractions."""
+        slots = np.asarray(v, dtype=np.uint64).reshape(self.count, EXACT_LIMBS)
+        out = []
+        for row in slots.tolist():
+            word = sum(int(s) << (LIMB_BITS * k) for k, s in enumerate(row)) % 2**EXACT_BITS
+            if word >= 2 ** (EXACT_BITS - 1):
+                word -= 2**EXACT_BITS
+            out.append(Fraction(word, 2**self.frac_bits))
+        return out
+
+
+LIMB_BITS = 48
+"""Bits of an exact value a ``uint64`` slot carries (:class:`ExactFixedPoint`)."""
+EXACT_LIMBS = 8
+"""Slots an exact value takes."""
+EXACT_BITS = LIMB_BITS * EXACT_LIMBS
+"""Bits of an exact value, two's complement: 384."""
+EXACT_MAX_CLIENTS = 2 ** (64 - LIMB_BITS)
+"""The most clients whose slots sum below 2^64 (65536; a cohort has at most 8192)."""
+_LIMB_MASK = 2**LIMB_BITS - 1
+_EXACT_VALUE_LIMIT = 2 ** (EXACT_BITS - 1) // EXACT_MAX_CLIENTS
+
+
+Codec = FixedPoint | Segments | ExactFixedPoint
 """How the parties of a secure sum encode its vectors."""
 
 

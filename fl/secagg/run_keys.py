@@ -382,7 +382,8 @@ class RunKeysClient:
         self._public = PublicKey(self.client_id, public, signature)
         self._pairs: dict[int, _Pair] = {}
         self._pending: dict[int, _Pending] = {}
-        self._last_round = 0
+        # Round 0 is the feature statistics' (fl.secagg.statistics); training counts from 1.
+        self._last_round = -1
         # A straggler's late answer may race its next round's in another thread.
         self._lock = threading.Lock()
 
@@ -399,7 +400,8 @@ class RunKeysClient:
         quorum: Quorum,
         codec: Codec,
     ) -> MaskedInput:
-        """Step 1 of round ``round_num``, whose cohort is ``roster`` (this client included)."""
+        """Step 1 of round ``round_num`` (0 or later, each later than the last), whose cohort
+        is ``roster`` (this client included)."""
         me = self.client_id
         if round_num <= self._last_round:
             raise SecAggAbort(
