@@ -16,14 +16,21 @@ Both measured in one run, on the same files and configuration:
   the round engine with every client in this process, one after another; no Prefect, no
   MLflow);
 - ``dask_seconds``: the flow (Prefect tasks, MLflow tracking) with ``runner.kind = "dask"`` on a
-  ``LocalCluster`` of ``--workers`` single-threaded worker processes, started and warmed up
-  (its workers' imports done) beforehand, as a standing cluster at ``runner.address`` is;
+  ``LocalCluster`` of ``--workers`` single-threaded worker processes, started as
+  ``runner.n_workers`` starts one (:func:`flows.dask_runner.local_cluster`; workers started by
+  hand take ``deployments/dask-worker.yaml``) and warmed up (its workers' imports done)
+  beforehand, as a standing cluster at ``runner.address`` is;
   ``cold_dask_seconds`` adds the cluster's start and warm-up, what ``runner.n_workers`` pays
   in every run.
 
+``round_seconds`` has each round's seconds for both, and for rounds of plain Dask tasks on the
+same cluster before the flow (every client's ``fl.client.train``, no Prefect, no MLflow): the
+workers' share of a round without the orchestration.
+
 Then ``ratio`` (``dask_seconds / sequential_seconds``, target ≤ 0.6), every worker's peak RSS
-(``ru_maxrss`` of its process, target ≤ 1 GiB), and the largest coefficient difference between
-the two models. Prefect's temporary server starts before and outside every measurement.
+(``VmHWM`` of its process, target ≤ 1 GiB), and the largest coefficient difference between
+the two models. Prefect's temporary server starts before and outside every measurement, and
+so does what ``fedtune run`` does while it starts (:func:`tasks.tracking.prepare_logging`).
 """
 
 from __future__ import annotations
@@ -75,7 +82,15 @@ def _rounds(history: list[dict]) -> list[float]:
 
 
 def _peak_rss_mib() -> float:
-    """This process's peak resident set (Linux reports KiB)."""
+    """This process's peak resident set: ``VmHWM``, the high-water mark of its own memory.
+    (``ru_maxrss`` would not do for a worker: Linux carries it over from the parent at fork,
+    so a worker spawned by this process would report this process's peak.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -86,18 +101,45 @@ def _warm_up() -> None:
     import prefect.task_engine  # noqa: F401
 
 
-def _dask_run(config, workers: int) -> dict:
-    from distributed import Client, LocalCluster
+def _train_one(ref, params, stats, client_config, round_num: int) -> None:
+    from fedtune.fl import client
+
+    client.train(ref, params, stats, client_config, round_num)
+
+
+def _plain_dask_rounds(client, config, params, stats) -> list[float]:
+    """Seconds of each of ``rounds.num_rounds`` rounds of plain Dask tasks on the same cluster:
+    every client's :func:`fl.client.train` (one task each, no Prefect, no MLflow), from the
+    same model: the workers' share of a flow round, without the orchestration."""
+    from fedtune.fl.data import registry
+
+    refs = registry(config.data, config.experiment.seed)
+    seconds = []
+    for r in range(1, config.rounds.num_rounds + 1):
+        start = time.perf_counter()
+        futures = [
+            client.submit(_train_one, ref, params, stats, config.client, r, pure=False)
+            for ref in refs
+        ]
+        client.gather(futures)
+        seconds.append(round(time.perf_counter() - start, 2))
+    return seconds
+
+
+def _dask_run(config, workers: int, plain=None) -> dict:
+    from distributed import Client
+    from fedtune.flows.dask_runner import local_cluster
     from fedtune.flows.training import federated_training
 
     started = time.perf_counter()
-    with LocalCluster(
+    with local_cluster(
         n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
     ) as cluster:
         with Client(cluster, set_as_default=False) as client:
             client.wait_for_workers(workers)
             client.run(_warm_up)
             ready = time.perf_counter() - started
+            tasks = [] if plain is None else _plain_dask_rounds(client, config, *plain)
             dask_config = config.model_copy(
                 update={
                     "runner": config.runner.model_copy(
@@ -109,7 +151,7 @@ def _dask_run(config, workers: int) -> dict:
             result = federated_training(dask_config)
             seconds = time.perf_counter() - start
             rss = client.run(_peak_rss_mib)
-    return {"seconds": seconds, "ready": ready, "result": result, "rss": rss}
+    return {"seconds": seconds, "ready": ready, "result": result, "rss": rss, "tasks": tasks}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -143,14 +185,17 @@ def run(args: argparse.Namespace) -> dict:
             f"experiment.tracking_uri='{uri}'",
         ],
     )
-    from mlflow import MlflowClient
+    from fedtune.tasks.tracking import prepare_logging
 
-    MlflowClient(uri).search_experiments()  # migrations, outside the measurement
+    # What `fedtune run` does while Prefect's server starts: the store's migrations, and the
+    # imports and warm-up of model logging (skops' first import alone takes seconds of CPU in
+    # a process that has Prefect, MLflow and Dask loaded).
+    prepare_logging(uri)
 
     start = time.perf_counter()
     plain = simulate(config)
     sequential = time.perf_counter() - start
-    dask = _dask_run(config, args.workers)
+    dask = _dask_run(config, args.workers, (plain.params, plain.stats))
 
     result = dask["result"]
     raw = plain.params.to_raw(plain.stats)
@@ -172,7 +217,11 @@ def run(args: argparse.Namespace) -> dict:
         "cluster_start_and_warm_up_seconds": round(dask["ready"], 2),
         "cold_dask_seconds": round(dask["seconds"] + dask["ready"], 2),
         "ratio": round(ratio, 3),
-        "round_seconds": {"sequential": _rounds(plain.history), "dask": _rounds(result.history)},
+        "round_seconds": {
+            "sequential": _rounds(plain.history),
+            "dask": _rounds(result.history),
+            "plain_dask_tasks": dask["tasks"],
+        },
         "cold_ratio": round((dask["seconds"] + dask["ready"]) / sequential, 3),
         "worker_peak_rss_mib": rss,
         "flow_process_peak_rss_mib": round(_peak_rss_mib(), 1),

@@ -144,7 +144,8 @@ class RoundsConfig(_Section):
     """How many clients one Prefect training task runs, one after another (task runs named
     ``train-r07-site-3..site-9``). An integer (at least 1) forces it; ``"auto"`` runs as many
     training tasks per round as the task runner runs at once (``runner.n_workers`` threads,
-    one by default; a ``LocalCluster``'s workers; 16 on a cluster at ``runner.address``): one
+    one by default; a ``LocalCluster``'s workers; on a cluster at ``runner.address``, its
+    workers' threads as its scheduler counts them each round, 16 if it cannot): one
     task per client while the round has no more clients than that, else the clients spread
     evenly over that many batches. Why: Prefect's own cost per task (4-8 ms, more under load)
     outweighs a small client's work (1-2 ms), and tasks beyond what runs at once only wait.

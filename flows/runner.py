@@ -59,15 +59,31 @@ def thread_count(n_workers: int | None) -> int:
 
 def parallel_tasks(runner: RunnerConfig) -> int:
     """How many tasks ``runner`` runs at once: its threads; a ``LocalCluster``'s workers (one
-    per core unless ``n_workers``); for a cluster at ``address``, whose size may change during
-    the run, :data:`fedtune.flows.exchange.AUTO_TASKS`."""
+    per core unless ``n_workers``); for a cluster at ``address``, the threads of its workers
+    when the run's task runner asks the scheduler (:func:`cluster_threads`), else
+    :data:`fedtune.flows.exchange.AUTO_TASKS`."""
     from fedtune.flows.exchange import AUTO_TASKS
 
     if runner.kind == "thread":
         return thread_count(runner.n_workers)
     if runner.address is None:
         return runner.n_workers or os.cpu_count() or 1
-    return AUTO_TASKS
+    return cluster_threads() or AUTO_TASKS
+
+
+def cluster_threads() -> int | None:
+    """The threads of the Dask workers that the current flow run's clients' runner reaches
+    (they run that many tasks at once; a cluster may grow or shrink later, which the next
+    round sees), or None outside such a run."""
+    context = FlowRunContext.get()
+    runner = None if context is None else context.task_runner
+    if not isinstance(runner, ConfiguredTaskRunner) or not runner._started:
+        return None
+    client = getattr(runner.runners()[1], "client", None)
+    if client is None:
+        return None
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    return sum(int(w.get("nthreads", 1)) for w in workers) or None
 
 
 def task_runner(config: FLConfig) -> TaskRunner:
@@ -84,7 +100,7 @@ def dask_runner(runner: RunnerConfig) -> SiloDaskTaskRunner:
     processes, not threads, use the cores). Its workers print warnings only; their task runs'
     own lines go to the Prefect API, as the flow's do."""
     try:
-        from fedtune.flows.dask_runner import SiloDaskTaskRunner
+        from fedtune.flows.dask_runner import SiloDaskTaskRunner, local_cluster
     except ImportError:
         raise ValueError(
             'runner.kind: "dask" needs prefect-dask: pip install "fedtune[dask]"'
@@ -97,7 +113,7 @@ def dask_runner(runner: RunnerConfig) -> SiloDaskTaskRunner:
         "processes": True,
         "env": {"PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING"},
     }
-    return SiloDaskTaskRunner(runner.silos, cluster_kwargs=cluster)
+    return SiloDaskTaskRunner(runner.silos, cluster_class=local_cluster, cluster_kwargs=cluster)
 
 
 def check_placement(config: FLConfig, refs: list[ClientRef]) -> None:

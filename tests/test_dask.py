@@ -8,6 +8,7 @@ runner's; what ran where is read from the task runs' own log lines in the Prefec
 
 from __future__ import annotations
 
+import os
 import re
 import time
 
@@ -32,9 +33,10 @@ PLACED = re.compile(r"^(\S+) on Dask worker (\S+)")
 def cluster():
     """A ``LocalCluster``: one plain worker, one with the resource ``silo-x``; both single
     threaded processes. Yields ``(scheduler address, plain worker, silo worker)``."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
+    from fedtune.flows.dask_runner import local_cluster
 
-    with LocalCluster(
+    with local_cluster(
         n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
     ) as local:
         plain = dict(next(iter(local.worker_spec.values())))
@@ -48,6 +50,20 @@ def cluster():
             workers = client.scheduler_info(n_workers=-1)["workers"]
         by_resource = {bool(w["resources"]): address for address, w in workers.items()}
         yield local.scheduler_address, by_resource[False], by_resource[True]
+
+
+def test_the_workers_start_with_the_allocator_settings_for_chunked_reads(cluster):
+    """``runner.n_workers``' cluster (:func:`local_cluster`) starts its worker processes with
+    glibc's allocator settings in their environment, set before the process starts (read by
+    glibc at its first allocation; Dask's default would map and unmap every chunk's arrays)."""
+    from distributed import Client
+    from fedtune.flows.dask_runner import WORKER_ENVIRON
+
+    with Client(cluster[0], set_as_default=False) as client:
+        seen = client.run(lambda: {k: os.environ.get(k) for k in WORKER_ENVIRON})
+    assert len(seen) == 2
+    for environ in seen.values():
+        assert environ == {k: str(v) for k, v in WORKER_ENVIRON.items()}
 
 
 def _files(tmp_path) -> list[str]:

@@ -61,3 +61,17 @@ def test_docs_pages_exist_and_readme_links_to_each():
     for name in ["configuration", "privacy", "operations", "benchmarks", "architecture"]:
         assert (ROOT / "docs" / f"{name}.md").is_file()
         assert f"docs/{name}.md" in readme_links, f"README does not link to docs/{name}.md"
+
+
+def test_the_worker_config_for_hand_started_workers_is_the_local_clusters():
+    """``deployments/dask-worker.yaml`` (for ``dask worker`` started by hand) gives the worker
+    processes the allocator settings that ``runner.n_workers``' cluster gives its own, as Dask
+    itself reads the file."""
+    import dask.config
+    from fedtune.flows.dask_runner import WORKER_ENVIRON
+
+    path = ROOT / "deployments" / "dask-worker.yaml"
+    [loaded] = list(dask.config.collect_yaml([str(path)]))
+    environ = loaded["distributed"]["nanny"]["pre-spawn-environ"]
+    assert environ == WORKER_ENVIRON
+    assert "DASK_CONFIG=deployments/dask-worker.yaml dask worker" in path.read_text()
