@@ -48,11 +48,15 @@ class PublicParameters:
     min_cohort : the smallest cohort a round may have (:func:`cohort_floor`): t is taken of at
         least this many, so a server that tells a client its cohort is tiny (which, under DP,
         a client cannot check against the secret sample) still needs t survivors' signatures.
+    statistics_clip_norm : under DP, ``C_s`` (``privacy.statistics_clip_norm``): in the
+        statistics round a client sends its ``[means | stds]`` clipped to it, whatever the
+        server's request says (:func:`fl.secagg.statistics.checked_vector`); None without DP.
     """
 
     threshold: float
     committee: int | None = None
     min_cohort: int = 2
+    statistics_clip_norm: float | None = None
 
     @classmethod
     def of(cls, config) -> PublicParameters:
@@ -62,7 +66,9 @@ class PublicParameters:
 
         num_clients = len(registry(config.data, config.experiment.seed))
         p = config.privacy
-        return cls(p.secagg_threshold, p.committee_size, cohort_floor(config, num_clients))
+        floor = cohort_floor(config, num_clients)
+        clip = p.statistics_clip_norm if p.dp else None
+        return cls(p.secagg_threshold, p.committee_size, floor, clip)
 
     def survivors(self, cohort_size: int) -> int:
         """t: the fewest survivors (and signatures on their set) a cohort may unmask with."""

@@ -21,6 +21,7 @@ operator's configuration (:meth:`Parties.enroll`), never from a server's message
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from typing import Any, Protocol
 from fedtune.fl import client as fl_client
 from fedtune.fl import faults as fl_faults
 from fedtune.fl.config import ClientConfig, FaultsConfig, FLConfig
-from fedtune.fl.data import ClientRef
+from fedtune.fl.data import ClientDataError, ClientRef
 from fedtune.fl.exchange import Broadcast, Failures, TimedOut, reason
 from fedtune.fl.params import MaskedUpdate
 from fedtune.fl.secagg import scalars
@@ -116,7 +117,7 @@ class KeyStore:
         here once taken."""
         with self._lock:
             report = self._reports.pop((session, ref.client_id), None)
-        return fl_client.feature_moments(ref, chunk_size) if report is None else report
+        return _feature_moments(ref, chunk_size) if report is None else report
 
     def drop(self, session: str, ref: ClientRef) -> None:
         with self._lock:
@@ -168,10 +169,24 @@ def make_keys(store: KeyStore, ref: ClientRef, session: str, run_keys: bool) -> 
 # -- the feature statistics (fl.secagg.statistics) ---------------------------------------------
 
 
+_CONSTANT_TARGET = re.compile(r"(: the target is constant) \(.*\)$")
+
+
+def _feature_moments(ref: ClientRef, chunk_size: int) -> StatsReport:
+    """:func:`fl.client.feature_moments`, whose data errors reach the server as the client's
+    reason: a constant target's is sent without its value, which is the client's target mean
+    (a moment the round hides) and its whole target column."""
+    try:
+        return fl_client.feature_moments(ref, chunk_size)
+    except ClientDataError as exc:
+        exc.args = (_CONSTANT_TARGET.sub(r"\1", str(exc)),)
+        raise
+
+
 def statistics_schema(store: KeyStore, ref: ClientRef, session: str, chunk_size: int) -> list[str]:
     """The statistics round's first step: read the moments, keep them, send the feature names
     only (a data error is the client's answer: it is set aside with the reason)."""
-    report = fl_client.feature_moments(ref, chunk_size)
+    report = _feature_moments(ref, chunk_size)
     store.keep_report(session, ref, report)
     return list(report.feature_names)
 
@@ -183,9 +198,11 @@ def _statistics_vector(
     request: StatisticsRequest,
     chunk_size: int,
     codec: Codec,
+    party: SecAggClient | RunKeysClient,
 ):
     report = store.take_report(session, ref, chunk_size)
-    return secagg_statistics.checked_vector(report, request, codec)
+    clip_norm = party.member.parameters.statistics_clip_norm  # the operator's, not the server's
+    return secagg_statistics.checked_vector(report, request, codec, clip_norm)
 
 
 def statistics_run_masked(
@@ -201,7 +218,7 @@ def statistics_run_masked(
 ) -> MaskedUpdate:
     """The statistics round's masked vector, with keys once per run."""
     party: RunKeysClient = store.get(session, ref)
-    x = _statistics_vector(store, ref, session, request, chunk_size, codec)
+    x = _statistics_vector(store, ref, session, request, chunk_size, codec, party)
     return MaskedUpdate(ref.client_id, party.masked_input(x, round_num, roster, quorum, codec))
 
 
@@ -219,7 +236,7 @@ def statistics_round_masked(
     """The statistics round's masked vector, with fresh keys (``session`` the round's key
     session, ``run_session`` the run's, where the moments were kept)."""
     party: SecAggClient = store.get(session, ref)
-    x = _statistics_vector(store, ref, run_session, request, chunk_size, party.codec)
+    x = _statistics_vector(store, ref, run_session, request, chunk_size, party.codec, party)
     return MaskedUpdate(ref.client_id, party.masked_input(x, roster, inbox))
 
 

@@ -76,11 +76,19 @@ def vector(report: StatsReport, request: StatisticsRequest) -> list | np.ndarray
     return clipped_vector(report, request.clip_norm)
 
 
-def checked_vector(report: StatsReport, request: StatisticsRequest, codec: Codec):
+def checked_vector(
+    report: StatsReport,
+    request: StatisticsRequest,
+    codec: Codec,
+    clip_norm: float | None = None,
+):
     """:func:`vector`, after the client's own checks. The encoding must be the one ``request``
     calls for: a server that picked a smaller bound would make the client's value overflow it,
-    and learn from the failure. A vector that does not fit (a value beyond the bound, or not
-    finite) is refused with a reason that names no value: the reason reaches the server."""
+    and learn from the failure. Under DP (``clip_norm``, ``C_s`` from the run's public
+    parameters, never from the server) the request must ask for the vector clipped to
+    ``C_s``: not for the exact count and sums, nor for another clip norm. A vector that does
+    not fit (a value beyond the bound, or not finite) is refused with a reason that names no
+    value: the reason reaches the server."""
     if tuple(report.feature_names) != request.features:
         raise SecAggAbort(
             f"client {report.client_id!r}: features {report.feature_names} are not the round's "
@@ -90,6 +98,11 @@ def checked_vector(report: StatsReport, request: StatisticsRequest, codec: Codec
         raise SecAggAbort(
             f"client {report.client_id!r}: the server's encoding is not the one its statistics "
             "request calls for"
+        )
+    if clip_norm is not None and request.clip_norm != clip_norm:
+        raise SecAggAbort(
+            f"client {report.client_id!r}: under DP its statistics are its [means | stds] "
+            f"clipped to the configured {clip_norm}; the server's request is another"
         )
     try:
         x = vector(report, request)
