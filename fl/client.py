@@ -90,7 +90,10 @@ def feature_moments(ref: ClientRef, chunk_size: int) -> StatsReport:
     moments = Moments.of(data.chunks("train", chunk_size))
     if moments.m2[-1] <= 1e-12 * max(1.0, moments.mean[-1] ** 2) * moments.count:
         raise ClientDataError(
-            ref.client_id, data.where, f"the target is constant ({moments.mean[-1]:.6g})"
+            ref.client_id,
+            data.where,
+            f"the target is constant ({moments.mean[-1]:.6g})",
+            "the target is constant",
         )
     return StatsReport(ref.client_id, data.feature_names(), moments)
 

@@ -40,10 +40,16 @@ _STREAM_POOL, _STREAM_PARTITION, _STREAM_SPLIT, _STREAM_HOLDOUT = 11, 12, 13, 14
 
 
 class ClientDataError(ValueError):
-    """A problem with one client's data; the message names the client and the file."""
+    """A problem with one client's data; the message names the client and the file.
 
-    def __init__(self, client_id: str, where: str, problem: str):
+    ``public`` is the problem without any value from the data (a cell, a constant target, a
+    reader's message quoting the file): what the client may tell a server it does not trust
+    with its data, as under secure aggregation. It says what and where, as the message does;
+    it defaults to the whole problem, for problems that quote no data."""
+
+    def __init__(self, client_id: str, where: str, problem: str, public: str | None = None):
         self.client_id = client_id
+        self.public = f"client {client_id!r} ({where}): {problem if public is None else public}"
         super().__init__(f"client {client_id!r} ({where}): {problem}")
 
 
@@ -237,7 +243,9 @@ class ClientData:
         except pd.errors.EmptyDataError:
             columns = []
         except Exception as exc:  # noqa: BLE001 -- any reader failure is this client's problem
-            raise ClientDataError(self.ref.client_id, str(path), f"unreadable: {exc}") from None
+            raise ClientDataError(
+                self.ref.client_id, str(path), f"unreadable: {exc}", "unreadable"
+            ) from None
         if not columns:
             raise ClientDataError(self.ref.client_id, str(path), "empty file")
         if target not in columns:
@@ -271,7 +279,10 @@ class ClientData:
             raise
         except Exception as exc:  # noqa: BLE001 -- a truncated or corrupt file
             raise ClientDataError(
-                client, where, f"unreadable near row {first_row}: {exc}"
+                client,
+                where,
+                f"unreadable near row {first_row}: {exc}",
+                f"unreadable near row {first_row}",
             ) from None
         if rows == 0:
             raise ClientDataError(client, where, "no rows")
@@ -310,6 +321,7 @@ def _validated(frame, features, target, first_row, client, where):
                     client,
                     where,
                     f"column {column!r} row {row}: non-numeric value {col.iloc[row - first_row]!r}",
+                    f"column {column!r} row {row}: a non-numeric value",
                 )
             frame[column] = converted
     values = frame[[*features, target]].to_numpy(dtype=np.float64)
@@ -326,6 +338,7 @@ def _finite(values, columns, first_row, client, where):
             client,
             where,
             f"column {column!r} row {first_row + int(r)}: {values[r, c]} (NaN or inf)",
+            f"column {column!r} row {first_row + int(r)}: NaN or inf",
         )
     return values[:, :-1], values[:, -1]
 

@@ -310,3 +310,24 @@ def test_parquet_columns_of_any_numeric_type_read_as_pandas_reads_them(tmp_path)
     frame.to_parquet(directory / "site-0.parquet", index=False)
     with pytest.raises(ClientDataError, match=r"column 'b' row 6: non-numeric value 'n/a'"):
         list(open_client(ref).pass_chunks(4))
+
+
+def test_a_data_error_has_a_public_form_without_the_datas_values(tmp_path):
+    """What a client may tell an untrusted server: the problem and where, no cell value."""
+    directory = tmp_path / "p"
+    directory.mkdir()
+    frame = pd.DataFrame({"a": ["1.5", "2.5", "secret-cell"], "target": [1.0, 2.0, 3.0]})
+    frame.to_csv(directory / "site-0.csv", index=False)
+    ref = registry(DataConfig(source="files", path=str(directory), target="target"), 0)[0]
+    with pytest.raises(ClientDataError) as err:
+        list(open_client(ref).pass_chunks(10))
+    assert "secret-cell" in str(err.value)
+    assert "secret-cell" not in err.value.public
+    assert err.value.public.endswith("column 'a' row 2: a non-numeric value")
+
+    frame = pd.DataFrame({"a": [1.0, 2.0, 3.0, 4.0], "target": [7.25] * 4})
+    frame.to_csv(directory / "site-0.csv", index=False)
+    with pytest.raises(ClientDataError) as err:
+        client.feature_moments(ref, 10)
+    assert "7.25" in str(err.value) and "7.25" not in err.value.public
+    assert err.value.public.endswith("the target is constant")
