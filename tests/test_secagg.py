@@ -4,6 +4,8 @@ the masked vector. Attacks by an active server: tests/test_secagg_attacks.py."""
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 from fedtune.fl.config import ConfigError, load_config
@@ -20,8 +22,12 @@ from fedtune.fl.secagg.identity import (
     survivor_statement,
 )
 from fedtune.fl.secagg.primitives import (
+    EXACT_RING,
     SHAMIR_PRIME,
+    WRAP,
+    ExactFixedPoint,
     FixedPoint,
+    Ring,
     SecAggAbort,
     Segments,
     prg,
@@ -395,10 +401,68 @@ def test_signed_sums_wrap_in_z_2_64():
     exact = [
         (sum(int(v[i]) for v in plus) - sum(int(v[i]) for v in minus)) % 2**64 for i in range(7)
     ]
-    total = signed_sum([v.tobytes() for v in plus], [v.tobytes() for v in minus], 7)
+    total = signed_sum([v.tobytes() for v in plus], [v.tobytes() for v in minus], 7, WRAP)
     assert total.dtype == np.uint64 and total.tolist() == exact
-    assert signed_sum([], [], 7).tolist() == [0] * 7
-    assert signed_sum([], [plus[0].tobytes()], 7).tolist() == [(-int(v)) % 2**64 for v in plus[0]]
+    assert signed_sum([], [], 7, WRAP).tolist() == [0] * 7
+    minus_one = signed_sum([], [plus[0].tobytes()], 7, WRAP)
+    assert minus_one.tolist() == [(-int(v)) % 2**64 for v in plus[0]]
+
+
+def _words(numbers: list[int], words: int) -> np.ndarray:
+    """Python integers in [0, 2^(64 words)) as the ring's flat uint64 words, by bytes."""
+    blob = b"".join(n.to_bytes(8 * words, "little") for n in numbers)
+    return np.frombuffer(blob, dtype="<u8").astype(np.uint64)
+
+
+def _numbers(v: np.ndarray, words: int) -> list[int]:
+    blob = np.asarray(v, dtype="<u8").tobytes()
+    return [int.from_bytes(blob[8 * words * i : 8 * words * (i + 1)], "little") for i in
+            range(len(blob) // (8 * words))]  # fmt: skip
+
+
+@pytest.mark.parametrize("words", [1, 2, 6])
+def test_the_rings_arithmetic_is_pythons_modulo_2_to_the_64_words(words):
+    # Expected values from Python's big integers and %, never from the ring itself; the edge
+    # cases make carries and borrows run through every word.
+    rng, mod = np.random.default_rng(words), 2 ** (64 * words)
+    ring = Ring(words)
+
+    def draw(count: int) -> list[int]:
+        return [int.from_bytes(rng.bytes(8 * words), "little") for _ in range(count)]
+
+    edges = [0, 1, mod - 1, 2**64 - 1, 2**64 % mod, mod // 2, mod // 2 - 1, mod - 2**64 + 1]
+    a, b = draw(200) + edges, draw(200) + edges[::-1]
+    x, y = _words(a, words), _words(b, words)
+    assert _numbers(ring.add(x, y), words) == [(p + q) % mod for p, q in zip(a, b, strict=True)]
+    assert _numbers(ring.sub(x, y), words) == [(p - q) % mod for p, q in zip(a, b, strict=True)]
+    assert _numbers(ring.neg(x), words) == [(-p) % mod for p in a]
+    rows = [draw(9) for _ in range(300)] + [[mod - 1] * 9] * 5
+    stack = np.stack([_words(r, words) for r in rows])
+    assert _numbers(ring.sum(stack), words) == [sum(c) % mod for c in zip(*rows, strict=True)]
+    assert ring.sum(stack[:0]).tolist() == [0] * 9 * words
+    plus, minus = [_words(r, words).tobytes() for r in rows[:7]], [stack[9].tobytes()]
+    total = signed_sum(plus, minus, 9 * words, ring)
+    want = [(sum(c) - m) % mod for *c, m in zip(*rows[:7], rows[9], strict=True)]
+    assert _numbers(total, words) == want
+    if words == 1:  # one word: numpy's own uint64 arithmetic, bit for bit
+        assert ring == WRAP and FixedPoint(1.0).ring == WRAP
+        np.testing.assert_array_equal(ring.add(x, y), x + y)
+        np.testing.assert_array_equal(ring.sub(x, y), x - y)
+        np.testing.assert_array_equal(ring.neg(x), np.uint64(0) - x)
+        np.testing.assert_array_equal(ring.sum(stack), stack.sum(axis=0, dtype=np.uint64))
+
+
+def test_exact_sums_mask_each_value_as_one_number_in_z_2_384():
+    # Both protocols, dropouts included, sum exact values as 384-bit numbers: the exact total.
+    codec = ExactFixedPoint(3)
+    assert codec.ring == EXACT_RING and EXACT_RING.words * 64 == 384 and codec.size == 18
+    assert _numbers(codec.encode([-1, 0, 2**-160]), 6) == [2**384 - 2**160, 0, 1]
+    rng = np.random.default_rng(3)
+    vectors = {u: [-(1e20 * rng.random()), rng.standard_normal(), u - 3] for u in range(7)}
+    result = secure_sum(vectors, 4, codec, drop_before_masking=[2], drop_before_unmasking=[5])
+    kept = [u for u in vectors if u != 2]
+    assert result.included == kept
+    assert result.total == [sum(Fraction(vectors[u][k]) for u in kept) for k in range(3)]
 
 
 def _stats(target_mean: float, target_scale: float) -> FeatureStats:

@@ -47,6 +47,8 @@ from fedtune.fl.secagg.parties import (
 )
 from fedtune.fl.secagg.primitives import (
     SHAMIR_BYTES,
+    WRAP,
+    Ring,
     SecAggAbort,
     Segments,
     agree,
@@ -121,10 +123,10 @@ def deploy(
     return Deployment(config, refs, store, keys, broadcast, codec)
 
 
-def _pair_mask(u: int, v: int, mask: bytes) -> np.ndarray:
+def _pair_mask(u: int, v: int, mask: bytes, ring: Ring = WRAP) -> np.ndarray:
     """The mask ``u`` adds for ``v`` in a round, from the pair's mask of the round."""
     mask = np.frombuffer(mask, dtype=np.uint64)
-    return mask if u < v else np.uint64(0) - mask
+    return mask if u < v else ring.neg(mask)
 
 
 def _far(recovered: np.ndarray, x: np.ndarray) -> bool:
@@ -205,7 +207,7 @@ def split_views(cohort: list[int], holders: list[int], target: int) -> dict[int,
 def reconstruct_run(round_: RunKeysRound, target: int, inputs, answers) -> np.ndarray:
     """The target's input as far as the server can unmask it: its self mask, if ``rebuild``
     holders sent shares of it, and every pairwise mask that someone revealed."""
-    size, quorum = round_.codec.size, round_.quorum
+    size, quorum, ring = round_.codec.size, round_.quorum, round_.codec.ring
     y = inputs[target].masked.copy()
     shares = [(v, a.self_mask_shares.get(target)) for v, a in answers.items()]
     shares = [(v, s) for v, s in shares if s is not None][: quorum.rebuild]
@@ -213,12 +215,12 @@ def reconstruct_run(round_: RunKeysRound, target: int, inputs, answers) -> np.nd
         limbs = np.array([[np.frombuffer(s, ">u4") for _, s in shares]], dtype=np.int64)
         (seed,) = rebuild_seeds(limbs, [share_point(v) for v, _ in shares])
         if seed is not None:
-            y -= prg(seed, size)
+            y = ring.sub(y, prg(seed, size))
     own = answers[target].pair_masks if target in answers else {}
     for v in round_.cohort:
         mask = own.get(v) or (answers[v].pair_masks.get(target) if v in answers else None)
         if v != target and mask is not None:
-            y -= _pair_mask(target, v, mask)
+            y = ring.sub(y, _pair_mask(target, v, mask, ring))
     return round_.codec.decode(y)
 
 
@@ -350,7 +352,7 @@ class FreshKeysRound:
 def reconstruct_round(target: int, masked, answers, roster, threshold: int, codec) -> np.ndarray:
     """The target's input as far as the server can unmask it: its self mask from t shares of
     its seed, its pairwise masks from t shares of its mask key."""
-    size = codec.size
+    size, ring = codec.size, codec.ring
     y = np.asarray(masked[target]).copy()
     for field in ("self_mask_shares", "mask_key_shares"):
         shares = {
@@ -362,13 +364,13 @@ def reconstruct_round(target: int, masked, answers, roster, threshold: int, code
             continue
         secret = shamir_reconstruct(shares, threshold).to_bytes(SHAMIR_BYTES, "big")[-32:]
         if field == "self_mask_shares":
-            y -= prg(secret, size)
+            y = ring.sub(y, prg(secret, size))
             continue
         key = X25519PrivateKey.from_private_bytes(secret)
         for peer in roster:
             if peer.client_id != target:
                 shared = agree(key, peer.mask_public)
-                y -= bonawitz._pair_mask(shared, target, peer.client_id, size)
+                y = ring.sub(y, bonawitz._pair_mask(shared, target, peer.client_id, size, ring))
     return codec.decode(y)
 
 
@@ -533,7 +535,7 @@ class FreshKeysInTheMiddle(FreshKeysRound):
         for v in range(len(self.dep.refs)):
             if v != t:
                 shared = agree(self.fake[v][1], mine.mask_public)
-                y -= bonawitz._pair_mask(shared, t, v, size)
+                y -= bonawitz._pair_mask(shared, t, v, size, WRAP)
         return self.dep.codec.decode(y)
 
 

@@ -134,11 +134,12 @@ def test_exact_sums_are_exact_whatever_the_magnitudes_and_refuse_what_they_canno
         for _ in range(n)
     ]
     vectors = [[*v[:3], Fraction(1, 3)] for v in vectors]
-    # Masks that cancel in Z_2^64, slot by slot, as the protocol's do.
+    # Masks that cancel in Z_2^384, each value's 6 words one number, as the protocol's do.
+    ring = codec.ring
     masks = rng.integers(0, 2**64, (n, codec.size), dtype=np.uint64, endpoint=False)
-    masks[-1] = np.uint64(0) - masks[:-1].sum(axis=0, dtype=np.uint64)
-    total = sum((codec.encode(v) + m for v, m in zip(vectors, masks, strict=True)), np.uint64(0))
-    decoded = codec.decode(total)
+    masks[-1] = ring.neg(ring.sum(masks[:-1]))
+    masked = [ring.add(codec.encode(v), m) for v, m in zip(vectors, masks, strict=True)]
+    decoded = codec.decode(ring.sum(np.stack(masked)))
     # Floats of these magnitudes are multiples of 2^-160: their sums come out exactly.
     for k in range(3):
         assert decoded[k] == sum(Fraction(v[k]) for v in vectors)
@@ -152,8 +153,8 @@ def test_exact_sums_are_exact_whatever_the_magnitudes_and_refuse_what_they_canno
         codec.encode([2.0**208, 0, 0, 0])
     # At the limits: 2^16 clients at the bound sum without wrapping, and no more are taken.
     top = codec.bound - codec.resolution
-    slots = codec.encode([top, -top, 0, 0]) * np.uint64(2**16)
-    assert codec.decode(slots) == [2**16 * top, -(2**16) * top, 0, 0]
+    summed = ring.sum(np.tile(codec.encode([top, -top, 0, 0]), (2**16, 1)))
+    assert codec.decode(summed) == [2**16 * top, -(2**16) * top, 0, 0]
     codec.check_capacity(2**16)
     with pytest.raises(ValueError, match="overflow"):
         codec.check_capacity(2**16 + 1)
@@ -302,11 +303,12 @@ def _self_masks(keys: str, step_answers: dict, threshold: int, codec) -> dict[in
     return masks
 
 
-def _full_width(slots: np.ndarray) -> int:
-    """Slots whose top 16 bits are neither all 0 nor all 1: an encoded value's never are (an
-    exact limb has 48 bits, a fixed-point value within 2^39 sign-extends), a masked one's
-    are but for 2 in 65536."""
-    top = (np.asarray(slots, dtype=np.uint64) >> np.uint64(48)).astype(np.int64)
+def _full_width(slots: np.ndarray, words: int = 1) -> int:
+    """Values (of ``words`` uint64 words each) whose top word's top 16 bits are neither all 0
+    nor all 1: an encoded value's never are (an exact value within 2^367, a fixed-point value
+    within 2^39, sign-extends), a masked one's are but for 2 in 65536."""
+    top = np.asarray(slots, dtype=np.uint64).reshape(-1, words)[:, -1] >> np.uint64(48)
+    top = top.astype(np.int64)
     return int(np.sum((top != 0) & (top != 0xFFFF)))
 
 
@@ -332,23 +334,28 @@ def test_a_server_that_records_the_statistics_round_learns_no_clients_moments(ke
         for i, m in seen[STEPS[keys][-3]].items()
     }
     assert sorted(masked) == sorted(truth)  # every client is in the sum
-    # Each masked vector fills all 64 bits of its slots where an encoding fills 48 (or 40):
-    # it is nowhere near the client's vector.
-    assert _full_width(codec.encode(truth[0])) == 0  # the test has power
+    # Each masked value fills all the bits of its top word where an encoding sign-extends
+    # (an exact value within 2^367 of 2^384, a fixed-point one within 2^39 of 2^64): it is
+    # nowhere near the client's vector.
+    ring, words = codec.ring, codec.ring.words
+    assert words == (1 if dp else 6)
+    assert _full_width(codec.encode(truth[0]), words) == 0  # the test has power
     slots = np.concatenate(list(masked.values()))
-    assert _full_width(slots) >= len(slots) - 3
+    assert _full_width(slots, words) >= len(slots) // words - 3
     decode = lambda y: np.array([float(v) for v in codec.decode(y)])  # noqa: E731
     assert all(_far(decode(masked[i]), truth[i]) for i in masked)
     # Unmasking gave it every survivor's self mask: the pair masks still hide each vector,
     # and only the sum comes out.
     t = PublicParameters.of(config).survivors(len(refs))
     self_masks = _self_masks(keys, seen[STEPS[keys][-1]], t, codec)
-    stripped = {i: masked[i] - self_masks[i] for i in masked}
+    stripped = {i: ring.sub(masked[i], self_masks[i]) for i in masked}
     slots = np.concatenate(list(stripped.values()))
-    assert _full_width(slots) >= len(slots) - 3
+    assert _full_width(slots, words) >= len(slots) // words - 3
     assert all(_far(decode(stripped[i]), truth[i]) for i in stripped)
-    total = decode(sum(stripped.values(), np.uint64(0)))
+    total = decode(ring.sum(np.stack(list(stripped.values()))))
     np.testing.assert_allclose(total, np.sum(list(truth.values()), axis=0), rtol=1e-12, atol=1e-6)
+    if not dp:
+        _per_word_sums_count_nothing(np.stack(list(stripped.values())), truth, codec)
     # Nothing it recorded carries a client's own moments (the float64s a client reports in
     # the clear) or its row count.
     blob = pickle.dumps(parties.seen)
@@ -356,6 +363,27 @@ def test_a_server_that_records_the_statistics_round_learns_no_clients_moments(ke
         m = fl_client.feature_moments(ref, config.client.chunk_size).moments
         for value in [*m.mean, *(m.mean * m.count), *np.sqrt(m.m2 / m.count)]:
             assert struct.pack("<d", value) not in blob and struct.pack(">d", value) not in blob
+
+
+def _per_word_sums_count_nothing(stripped: np.ndarray, truth: dict, codec) -> None:
+    """The exact values are masked as 384-bit numbers, so what the server may add up word by
+    word (the vectors without their self masks) is not the sum of the clients' words. Were the
+    masks to cancel word by word, a value's top word (0, or all ones when it is negative) would
+    sum to minus the number of clients with a negative value: 0 for the count and every Q_j.
+    Here a top word's sum is minus the carry out of the 320 bits below it over n uniformly
+    masked numbers (the total's top word aside): 0 with probability 1/n! only."""
+    n, words = len(stripped), codec.ring.words
+    per_word = stripped.sum(axis=0, dtype=np.uint64).reshape(-1, words)
+    vectors = list(truth.values())
+    negatives = np.sum([np.asarray(v) < 0 for v in vectors], axis=0).astype(np.uint64)
+    honest = np.stack([codec.encode(v) for v in vectors]).sum(axis=0, dtype=np.uint64)
+    honest = honest.reshape(-1, words)
+    # The test has power: the encodings summed word by word count the negative values.
+    np.testing.assert_array_equal(honest[:, -1], np.uint64(0) - negatives)
+    none_negative = negatives == 0
+    assert none_negative.sum() > len(negatives) // 2  # the count and every Q_j at least
+    assert np.all(per_word[none_negative, -1] != 0), "the top words summed to a count of 0"
+    assert n >= 8  # 1/n! is then below 3e-5 a value
 
 
 # -- the round's protocol: split views, dropouts, data errors --------------------------------------
@@ -425,9 +453,10 @@ def test_a_split_view_server_gets_nothing_from_the_statistics_round_with_fresh_k
 ):
     # As against a training round: the split needs t lowered to 6 (enough clients on each
     # side), which the clients refuse; at the published 12 the sets gather too few signatures.
+    # The clients are configured without DP, so the request is for exact sums (a clipped one
+    # they refuse: tests/test_secagg_review.py).
     dep = deploy(20, "round")
-    C = 10.0
-    round_ = StatisticsFreshKeysRound(dep, threshold, party, StatisticsRequest(("x0",), C))
+    round_ = StatisticsFreshKeysRound(dep, threshold, party, StatisticsRequest(("x0",)))
     if threshold < 12 and party is None:
         with pytest.raises(SecAggAbort, match="share keys: only 0 clients left"):
             round_.masked_inputs()
@@ -439,10 +468,11 @@ def test_a_split_view_server_gets_nothing_from_the_statistics_round_with_fresh_k
     target, everyone = 0, list(range(20))
     told_nobody_dropped = everyone[1 : threshold + 1]
     answers = round_.unmask(roster, inboxes, split_views(everyone, told_nobody_dropped, target))
-    x = dp_truth(rows(dep.refs[target]), C)
-    recovered = reconstruct_round(target, masked, answers, roster, threshold, round_.codec)
+    x = exact_truth(rows(dep.refs[target]))
+    decoded = reconstruct_round(target, masked, answers, roster, threshold, round_.codec)
+    recovered = np.array([float(v) for v in decoded])
     if party is SkipsChecks:  # the attack works on clients that skip the checks
-        assert np.max(np.abs(recovered - x)) <= 2.0**-FRAC_BITS
+        np.testing.assert_allclose(recovered, x, rtol=1e-12)
         return
     assert sorted(answers) == told_nobody_dropped
     assert all(not a.mask_key_shares for a in answers.values())

@@ -15,10 +15,10 @@ paper:
 1. **Share keys.** ``u`` picks a self-mask seed ``b_u`` and Shamir-shares ``b_u`` and the
    secret key of ``s_u``, t-of-n, among the roster; each share travels encrypted (AES-GCM,
    key from X25519 + HKDF-SHA256) through the server. U2: the clients whose shares arrived.
-2. **Masked input.** ``u`` sends ``y_u = x_u + PRG(b_u) + sum_v +/-PRG(s_uv)`` in Z_(2^64),
-   where ``s_uv`` comes from key agreement with each ``v`` in U2, ``+`` if ``u < v`` and ``-``
-   otherwise, so that the pairwise masks cancel in the sum. U3: the clients whose masked input
-   arrived.
+2. **Masked input.** ``u`` sends ``y_u = x_u + PRG(b_u) + sum_v +/-PRG(s_uv)`` in the
+   codec's ring, where ``s_uv`` comes from key agreement with each ``v`` in U2, ``+`` if
+   ``u < v`` and ``-`` otherwise, so that the pairwise masks cancel in the sum. U3: the
+   clients whose masked input arrived.
 3. **Consistency check.** The server sends U3 to its members; each signs (round, U2, U3) if U3
    is part of U2, holds itself and at least t clients, and if it signed no other set this
    round. The server forwards the signatures.
@@ -41,7 +41,10 @@ agrees keys once per run and needs three exchanges per round instead of five.
 
 Vectors are summed in fixed point (:class:`FixedPoint`): ``round(x * 2^frac_bits)`` as a
 two's-complement 64-bit integer, so numpy's ``uint64`` arithmetic, which wraps modulo 2^64, is
-the group Z_(2^64).
+the group Z_(2^64). Every vector and mask is added, negated and subtracted in its codec's ring
+(``codec.ring``, a :class:`Ring`): Z_(2^64) for fixed point, Z_(2^384) for the exact
+statistics (:class:`ExactFixedPoint`), whose values are masked as whole numbers, carries
+included.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ from fedtune.fl.secagg.primitives import (
     SHAMIR_BYTES,
     SHAMIR_PRIME,
     Codec,
+    Ring,
     SecAggAbort,
     agree,
     hkdf,
@@ -82,12 +86,12 @@ from fedtune.fl.secagg.primitives import (
 # Pairwise masks and share channels
 
 
-def _pair_mask(shared: bytes, u: int, v: int, size: int) -> np.ndarray:
+def _pair_mask(shared: bytes, u: int, v: int, size: int, ring: Ring) -> np.ndarray:
     """The mask ``u`` adds for ``v`` from their agreed secret: ``+PRG(s_uv)`` if ``u < v``,
-    else ``-PRG(s_uv)``."""
+    else ``-PRG(s_uv)``, negated in the codec's ``ring``."""
     seed = hkdf(shared, b"fedtune/secagg/pairwise-mask" + id_bytes(min(u, v), max(u, v)))
     mask = prg(seed, size)
-    return mask if u < v else np.uint64(0) - mask
+    return mask if u < v else ring.neg(mask)
 
 
 def _channel(shared: bytes, sender: int, recipient: int) -> AESGCM:
@@ -240,11 +244,12 @@ class SecAggClient:
         keys = self._check_roster(roster)
         cohort = self._check_inbox(inbox, keys)
         encoded = self.codec.encode(x)
-        masked = encoded + prg(self._self_mask_seed, encoded.shape[0])
+        size, ring = encoded.shape[0], self.codec.ring
+        masked = ring.add(encoded, prg(self._self_mask_seed, size))
         for v in cohort:
             if v != self.client_id:
                 shared = agree(self._mask_key, keys[v].mask_public)
-                masked += _pair_mask(shared, self.client_id, v, encoded.shape[0])
+                masked = ring.add(masked, _pair_mask(shared, self.client_id, v, size, ring))
         return masked
 
     def consistency_check(
@@ -491,7 +496,7 @@ class SecAggServer:
             y = np.asarray(y)
             if y.dtype != np.uint64 or y.shape != (self.dimension,):
                 raise SecAggAbort(f"masked input: client {u} sent a malformed vector")
-            total += y
+            total = self.codec.ring.add(total, y)
         self._masked_sum = total
         self.survivors_ = sorted(masked)
         return list(self.survivors_)
@@ -526,9 +531,9 @@ class SecAggServer:
                 raise SecAggAbort(f"unmasking: the shares of client {v} rebuild no 32-byte secret")
             return secret.to_bytes(32, "big")
 
-        total = self._masked_sum.copy()
+        total, ring = self._masked_sum.copy(), self.codec.ring
         for v in self.survivors_:
-            total -= prg(rebuild("self_mask_shares", v), self.dimension)
+            total = ring.sub(total, prg(rebuild("self_mask_shares", v), self.dimension))
         keys = {k.client_id: k for k in self.roster_}
         for v in dropped:
             key = X25519PrivateKey.from_private_bytes(rebuild("mask_key_shares", v))
@@ -536,7 +541,8 @@ class SecAggServer:
                 raise SecAggAbort(f"unmasking: the rebuilt mask key of client {v} is wrong")
             # Each survivor u added its mask for v; the same agreement, made from v's side.
             for u in self.survivors_:
-                total -= _pair_mask(agree(key, keys[u].mask_public), u, v, self.dimension)
+                mask = _pair_mask(agree(key, keys[u].mask_public), u, v, self.dimension, ring)
+                total = ring.sub(total, mask)
         return self.codec.decode(total)
 
     def _require(self, count: int, step: str) -> None:
@@ -571,7 +577,8 @@ def secure_sum(
     dims = {np.shape(v) for v in vectors.values()}
     if len(dims) != 1 or len(next(iter(dims))) != 1:
         raise ValueError("vectors: must be 1-D and of equal length")
-    server = SecAggServer(threshold, codec, next(iter(dims))[0])
+    # The masked vectors' length: one word a value, or more (ExactFixedPoint).
+    server = SecAggServer(threshold, codec, len(codec.encode(next(iter(vectors.values())))))
     directory = Directory()
     # Half a client below t, so that ceil(fraction * n) is t whatever the rounding.
     parameters = PublicParameters((threshold - 0.5) / len(vectors))

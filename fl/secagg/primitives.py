@@ -1,7 +1,8 @@
 """Building blocks of secure aggregation, shared by :mod:`fl.secagg.bonawitz` and
-:mod:`fl.secagg.run_keys`: failing closed, fixed-point encoding into Z_(2^64) (in segments of
-their own scale, :class:`Segments`; exact sums of wide values in limbs,
-:class:`ExactFixedPoint`), the PRG that expands mask seeds, key derivation and agreement, and
+:mod:`fl.secagg.run_keys`: failing closed, the rings masked vectors live in (:class:`Ring`),
+fixed-point encoding into Z_(2^64) (in segments of their own scale, :class:`Segments`; exact
+sums of wide values in Z_(2^384), :class:`ExactFixedPoint`), the PRG that expands mask seeds,
+key derivation and agreement, and
 Shamir sharing (of secrets over GF(2^521 - 1), and of 32-byte seeds, vectorised, over a small
 prime). Signing keys and the directory of public keys are in :mod:`fl.secagg.identity`.
 """
@@ -24,7 +25,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 MOD_BITS = 64
-"""Masked vectors live in Z_(2^64)."""
+"""Bits of a ``uint64`` word; fixed-point vectors live in Z_(2^64), a word a value."""
 
 FRAC_BITS = 24
 """Default fixed-point resolution 2^-24 (about 6e-8); each value is rounded to within half of
@@ -45,6 +46,93 @@ def require_quorum(count: int, threshold: int, step: str) -> None:
             f"{step}: only {count} clients left, below the threshold {threshold}; "
             "aborting without revealing anything"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# The rings masked vectors live in
+
+
+_LOW32 = np.uint64(0xFFFFFFFF)
+_SHIFT32 = np.uint64(32)
+
+
+@dataclass(frozen=True)
+class Ring:
+    """Z_(2^(64 words)), its elements ``words`` consecutive ``uint64`` words each, least
+    significant first, in flat ``uint64`` vectors (of a multiple of ``words`` values).
+
+    Every party of a secure sum adds, subtracts and sums masked vectors and masks in its
+    codec's ring (``codec.ring``): a mask is uniform in the ring, so a masked element is too,
+    and the masks cancel in the sum of the elements, carries included, revealing only that
+    sum. With ``words == 1`` it is numpy's ``uint64`` arithmetic, which wraps modulo 2^64.
+    """
+
+    words: int = 1
+
+    def __post_init__(self) -> None:
+        if self.words < 1:
+            raise ValueError(f"words: must be at least 1 (got {self.words!r})")
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """``a + b``, element by element."""
+        if self.words == 1:
+            return a + b
+        x, y = self._rows(a), self._rows(b)
+        out = x + y
+        carry = out[:, 0] < x[:, 0]
+        for k in range(1, self.words):
+            word = out[:, k] + carry
+            carry = (out[:, k] < x[:, k]) | (word < carry)
+            out[:, k] = word
+        return out.reshape(-1)
+
+    def sub(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """``a - b``, element by element."""
+        if self.words == 1:
+            return a - b
+        x, y = self._rows(a), self._rows(b)
+        out = x - y
+        borrow = x[:, 0] < y[:, 0]
+        for k in range(1, self.words):
+            word = out[:, k] - borrow
+            borrow = (x[:, k] < y[:, k]) | (out[:, k] < borrow)
+            out[:, k] = word
+        return out.reshape(-1)
+
+    def neg(self, a: np.ndarray) -> np.ndarray:
+        """``-a``, element by element."""
+        if self.words == 1:
+            return np.uint64(0) - a
+        return self.sub(np.zeros_like(a, dtype=np.uint64), a)
+
+    def sum(self, stack: np.ndarray) -> np.ndarray:
+        """The sum of the rows of ``stack`` (fewer than 2^31 of them; zeros if none)."""
+        stack = np.asarray(stack, dtype=np.uint64)
+        if self.words == 1:
+            return stack.sum(axis=0, dtype=np.uint64)
+        if stack.shape[0] >= 2**31:
+            raise ValueError(f"stack: at most 2^31 - 1 rows (got {stack.shape[0]})")
+        # Each word's 32-bit halves summed apart (no sum of fewer than 2^31 of them reaches
+        # 2^63), then the carries propagated half by half, least significant first.
+        rows = stack.reshape(stack.shape[0], stack.shape[1] // self.words, self.words)
+        lo = (rows & _LOW32).sum(axis=0, dtype=np.uint64)
+        hi = (rows >> _SHIFT32).sum(axis=0, dtype=np.uint64)
+        out = np.empty_like(lo)
+        carry = np.zeros(lo.shape[0], dtype=np.uint64)
+        for k in range(self.words):
+            low = lo[:, k] + carry
+            high = hi[:, k] + (low >> _SHIFT32)
+            out[:, k] = (low & _LOW32) | (high << _SHIFT32)
+            carry = high >> _SHIFT32
+        return out.reshape(-1)
+
+    def _rows(self, a: np.ndarray) -> np.ndarray:
+        return np.asarray(a, dtype=np.uint64).reshape(-1, self.words)
+
+
+WRAP = Ring(1)
+"""Z_(2^64): numpy's ``uint64`` arithmetic, the ring of :class:`FixedPoint` and
+:class:`Segments`."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,6 +160,9 @@ class FixedPoint:
             raise ValueError(f"bound: must be a positive finite number (got {self.bound!r})")
         if not 0 <= self.frac_bits <= MOD_BITS - 2:
             raise ValueError(f"frac_bits: must be in [0, {MOD_BITS - 2}] (got {self.frac_bits!r})")
+
+    ring = WRAP
+    """A value a ``uint64`` word, summed modulo 2^64."""
 
     @property
     def resolution(self) -> float:
@@ -126,6 +217,9 @@ class Segments:
 
     parts: tuple[tuple[int, FixedPoint], ...]
 
+    ring = WRAP
+    """A value a ``uint64`` word, summed modulo 2^64."""
+
     @property
     def size(self) -> int:
         return sum(length for length, _ in self.parts)
@@ -165,15 +259,18 @@ def _scales(parts: tuple[tuple[int, FixedPoint], ...]) -> tuple[np.ndarray, np.n
 
 @dataclass(frozen=True)
 class ExactFixedPoint:
-    """Exact sums of rational numbers of any realistic magnitude, in Z_(2^64) slots.
+    """Exact sums of rational numbers of any realistic magnitude, in Z_(2^384).
 
     :class:`FixedPoint` has 64 bits a value: a resolution of 2^-24 leaves 2^39 for the sum,
     too little for a sum of squares of raw data (a column near 10^9 squares to 10^18 a row).
     Here each value ``v`` is rounded to ``V = round(v * 2^frac_bits)``, an integer of
-    :data:`EXACT_BITS` bits in two's complement, and sent as :data:`EXACT_LIMBS` limbs of
-    :data:`LIMB_BITS` bits, one limb a ``uint64`` slot, least significant first. A slot's sum
-    over at most :data:`EXACT_MAX_CLIENTS` clients stays below 2^64, so the masks cancel and
-    every slot's sum is exact; :meth:`decode` carries the limbs back into one integer.
+    :data:`EXACT_BITS` bits in two's complement, and sent as ``V mod 2^384``: one element of
+    :data:`EXACT_RING`, :data:`EXACT_WORDS` full ``uint64`` words, least significant first.
+    The parties mask and sum it as that one number, carries included (:class:`Ring`), so the
+    masks cancel in the sum of the numbers and nothing else: the server learns each value's
+    sum, not the sums of its words (which would count, say, the clients with a negative value).
+    A client's values are bounded so that the sum of :data:`EXACT_MAX_CLIENTS` of them stays
+    within 2^383 in magnitude, and :meth:`decode` reads it back as a signed integer.
 
     With the defaults (384 bits, 160 of them fractional) a float64 of magnitude at least
     2^-108 (3e-33) is encoded exactly (its last mantissa bit is worth 2^-160 or more), a
@@ -182,15 +279,19 @@ class ExactFixedPoint:
 
     Parameters
     ----------
-    count : how many values a vector holds (it is sent as ``count * EXACT_LIMBS`` slots).
+    count : how many values a vector holds (it is sent as ``count * EXACT_WORDS`` words).
     """
 
     count: int
     frac_bits: int = 160
 
     @property
+    def ring(self) -> Ring:
+        return EXACT_RING
+
+    @property
     def size(self) -> int:
-        return self.count * EXACT_LIMBS
+        return self.count * EXACT_WORDS
 
     @property
     def resolution(self) -> Fraction:
@@ -210,44 +311,44 @@ class ExactFixedPoint:
             )
 
     def encode(self, values) -> np.ndarray:
-        """The limbs of every value (an int, float or :class:`fractions.Fraction`), in order."""
+        """The words of every value (an int, float or :class:`fractions.Fraction`), in order."""
         values = list(values)
         if len(values) != self.count:
             raise ValueError(f"x: expected {self.count} values, got {len(values)}")
-        limbs = np.empty((self.count, EXACT_LIMBS), dtype=np.uint64)
-        for i, v in enumerate(values):
+        out = bytearray()
+        for v in values:
             if isinstance(v, float | np.floating) and not math.isfinite(v):
                 raise ValueError("x: has non-finite values")
             scaled = round(Fraction(v) * 2**self.frac_bits)
             if abs(scaled) >= _EXACT_VALUE_LIMIT:
                 limit = f"{float(self.bound):.3g}"
                 raise ValueError(f"x: a value is outside the exact bound {limit}")
-            word = scaled % 2**EXACT_BITS
-            limbs[i] = [(word >> (LIMB_BITS * k)) & _LIMB_MASK for k in range(EXACT_LIMBS)]
-        return limbs.reshape(-1)
+            out += (scaled % 2**EXACT_BITS).to_bytes(8 * EXACT_WORDS, "little")
+        return np.frombuffer(bytes(out), dtype="<u8").astype(np.uint64)
 
     def decode(self, v: np.ndarray) -> list[Fraction]:
         """The exact values (of one vector, or of a sum of at most
         :data:`EXACT_MAX_CLIENTS` vectors) as fractions."""
-        slots = np.asarray(v, dtype=np.uint64).reshape(self.count, EXACT_LIMBS)
+        words = np.asarray(v, dtype=np.uint64).reshape(self.count, EXACT_WORDS)
+        raw = words.astype("<u8").tobytes()
+        width = 8 * EXACT_WORDS
         out = []
-        for row in slots.tolist():
-            word = sum(int(s) << (LIMB_BITS * k) for k, s in enumerate(row)) % 2**EXACT_BITS
-            if word >= 2 ** (EXACT_BITS - 1):
-                word -= 2**EXACT_BITS
-            out.append(Fraction(word, 2**self.frac_bits))
+        for i in range(self.count):
+            number = int.from_bytes(raw[width * i : width * (i + 1)], "little", signed=True)
+            out.append(Fraction(number, 2**self.frac_bits))
         return out
 
 
-LIMB_BITS = 48
-"""Bits of an exact value a ``uint64`` slot carries (:class:`ExactFixedPoint`)."""
-EXACT_LIMBS = 8
-"""Slots an exact value takes."""
-EXACT_BITS = LIMB_BITS * EXACT_LIMBS
+EXACT_WORDS = 6
+"""``uint64`` words an exact value takes."""
+EXACT_BITS = MOD_BITS * EXACT_WORDS
 """Bits of an exact value, two's complement: 384."""
-EXACT_MAX_CLIENTS = 2 ** (64 - LIMB_BITS)
-"""The most clients whose slots sum below 2^64 (65536; a cohort has at most 8192)."""
-_LIMB_MASK = 2**LIMB_BITS - 1
+EXACT_RING = Ring(EXACT_WORDS)
+"""Z_(2^384), where exact values are masked and summed."""
+EXACT_MAX_CLIENTS = 2**16
+"""The most clients an exact sum takes (65536; a cohort has at most :data:`MAX_COHORT`, 8192):
+with each client's values below 2^(EXACT_BITS - 1) / EXACT_MAX_CLIENTS in magnitude, the sum
+stays below 2^(EXACT_BITS - 1) and decodes as the signed integer it is."""
 _EXACT_VALUE_LIMIT = 2 ** (EXACT_BITS - 1) // EXACT_MAX_CLIENTS
 
 
@@ -283,15 +384,13 @@ def prgs(seeds: Sequence[bytes], size: int) -> np.ndarray:
     return np.stack([prg(seed, size) for seed in seeds])
 
 
-def signed_sum(plus: Sequence[bytes], minus: Sequence[bytes], size: int) -> np.ndarray:
-    """``sum(plus) - sum(minus)`` in Z_(2^64) of vectors of ``size`` uint64s given as bytes
+def signed_sum(plus: Sequence[bytes], minus: Sequence[bytes], size: int, ring: Ring) -> np.ndarray:
+    """``sum(plus) - sum(minus)`` in ``ring`` of vectors of ``size`` uint64s given as bytes
     (masks, say), each side summed in one go."""
     stacked = np.frombuffer(b"".join([*plus, *minus]), dtype=np.uint64)
     stacked = stacked.reshape(len(plus) + len(minus), size)
     # Each side's sum is zeros if it has no vectors.
-    total = stacked[: len(plus)].sum(axis=0, dtype=np.uint64)
-    total -= stacked[len(plus) :].sum(axis=0, dtype=np.uint64)
-    return total
+    return ring.sub(ring.sum(stacked[: len(plus)]), ring.sum(stacked[len(plus) :]))
 
 
 def hkdf(material: bytes, info: bytes) -> bytes:

@@ -18,9 +18,10 @@ server (:mod:`fl.secagg.identity`):
 
       y_u = x_u + PRG(b_u) + sum_{v in S, v != u} +/-M_uv^r
 
-  (``+`` if ``u < v``), where the pair mask ``M_uv^r`` is a PRF output of ``r`` keyed with
-  ``K_uv`` (the AES-256-CTR keystream; :func:`_pair_mask`); with it a hash commitment to
-  ``b_u`` and Shamir shares of ``b_u``, each encrypted for its recipient under ``E_uv``
+  (``+`` if ``u < v``; in the codec's ring, :class:`~fl.secagg.primitives.Ring`), where
+  the pair mask ``M_uv^r`` is a PRF output of ``r`` keyed with ``K_uv`` (the AES-256-CTR
+  keystream; :func:`_pair_mask`); with it a hash commitment to ``b_u`` and Shamir shares of
+  ``b_u``, each encrypted for its recipient under ``E_uv``
   (AES-GCM, the round and the direction as the nonce: one message each way per round). The
   recipients are the round's *share holders* H, a committee of ``Quorum.holders`` members of
   S (all of S when S is no larger; :func:`share_holders`), any ``Quorum.rebuild`` of whose
@@ -426,7 +427,10 @@ class RunKeysClient:
         rows = split.astype(_SHARE_LIMB).tobytes()
         step = _SHARE.size
         shares = {v: rows[i * step : (i + 1) * step] for i, v in enumerate(holders)}
-        masked = encoded + prg(self_seed, size) + signed_sum(plus, minus, size)
+        ring = codec.ring
+        masked = ring.add(
+            ring.add(encoded, prg(self_seed, size)), signed_sum(plus, minus, size, ring)
+        )
         nonces = (_nonce(round_num, 0, 1), _nonce(round_num, 1, 0))  # to a higher id, a lower
         sealed = {
             v: pairs[v].channel.encrypt(nonces[me > v], share, _IDS.pack(round_num, me, v))
@@ -693,12 +697,12 @@ class RunKeysServer:
                 raise SecAggAbort(f"unmasking: client {r.sender} sent a malformed pair mask")
         seeds = self._self_mask_seeds(answered)
         masked = np.stack([self._inputs[u].masked for u in self.survivors_])
-        total = masked.sum(axis=0, dtype=np.uint64)
-        total -= prgs(seeds, self.dimension).sum(axis=0, dtype=np.uint64)
+        ring = self.codec.ring  # masked and unmasked as the codec's numbers, carries included
+        total = ring.sub(ring.sum(masked), ring.sum(prgs(seeds, self.dimension)))
         # Each survivor v added its mask for a dropped u, + if v < u; v's answer holds it.
         plus = [answered[v].pair_masks[u] for u in self.dropped_ for v in self.survivors_ if v > u]
         minus = [answered[v].pair_masks[u] for u in self.dropped_ for v in self.survivors_ if v < u]
-        total += signed_sum(plus, minus, self.dimension)
+        total = ring.add(total, signed_sum(plus, minus, self.dimension, ring))
         return self.codec.decode(total)
 
     def _self_mask_seeds(self, answered: Mapping[int, Unmasking]) -> list[bytes]:

@@ -21,7 +21,8 @@ dropouts), numbered :data:`STATISTICS_ROUND`, before every training round:
      same mechanism as in the clear, so the same ε;
    * without DP, its count, and per column ``S = n mean`` and ``Q = m2 + n mean^2``, exact
      rationals of its float64 moments (:func:`fl.statistics.exact_sums`), summed exactly
-     (:class:`fl.secagg.primitives.ExactFixedPoint`): the server forms the pooled mean and
+     (:class:`fl.secagg.primitives.ExactFixedPoint`: each value one 384-bit number, masked
+     and summed as one, so only the sum is revealed): the server forms the pooled mean and
      standard deviation from the sums alone (:func:`fl.statistics.pooled_from_sums`), as
      exactly as from every client's moments in the clear, whatever the columns' magnitudes.
 
@@ -86,9 +87,10 @@ def checked_vector(
     calls for: a server that picked a smaller bound would make the client's value overflow it,
     and learn from the failure. Under DP (``clip_norm``, ``C_s`` from the run's public
     parameters, never from the server) the request must ask for the vector clipped to
-    ``C_s``: not for the exact count and sums, nor for another clip norm. A vector that does
-    not fit (a value beyond the bound, or not finite) is refused with a reason that names no
-    value: the reason reaches the server."""
+    ``C_s``: not for the exact count and sums, nor for another clip norm; without DP
+    (``clip_norm`` None) for the exact count and sums, never for a clipped vector. A vector
+    that does not fit (a value beyond the bound, or not finite) is refused with a reason that
+    names no value: the reason reaches the server."""
     if tuple(report.feature_names) != request.features:
         raise SecAggAbort(
             f"client {report.client_id!r}: features {report.feature_names} are not the round's "
@@ -99,7 +101,13 @@ def checked_vector(
             f"client {report.client_id!r}: the server's encoding is not the one its statistics "
             "request calls for"
         )
-    if clip_norm is not None and request.clip_norm != clip_norm:
+    if request.clip_norm != clip_norm:
+        if clip_norm is None:
+            raise SecAggAbort(
+                f"client {report.client_id!r}: without DP its statistics are its exact count "
+                "and sums, as the run's configuration says; the server's statistics request "
+                "asks for clipped ones"
+            )
         raise SecAggAbort(
             f"client {report.client_id!r}: under DP its statistics are its [means | stds] "
             f"clipped to the configured {clip_norm}; the server's request is another"
