@@ -21,10 +21,10 @@ operator's configuration (:meth:`Parties.enroll`), never from a server's message
 
 from __future__ import annotations
 
-import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from fedtune.fl import client as fl_client
@@ -146,9 +146,10 @@ def _train_and_mask(
 ) -> MaskedUpdate:
     """Train, then mask the strategy's contribution and the scalars (count, loss, evaluation
     sums) as one vector: nothing that depends on the client's data travels in the clear."""
-    update = fl_faults.train(
-        faults, ref, broadcast.params, broadcast.stats, cfg, round_num, attempt, sleep
-    )
+    with _public_data_errors():
+        update = fl_faults.train(
+            faults, ref, broadcast.params, broadcast.stats, cfg, round_num, attempt, sleep
+        )
     contribution = broadcast.contribution.vector(broadcast.params, update)
     x = scalars.with_scalars(contribution, update, broadcast.stats, codec)
     return MaskedUpdate(update.client_id, mask(x))
@@ -169,18 +170,22 @@ def make_keys(store: KeyStore, ref: ClientRef, session: str, run_keys: bool) -> 
 # -- the feature statistics (fl.secagg.statistics) ---------------------------------------------
 
 
-_CONSTANT_TARGET = re.compile(r"(: the target is constant) \(.*\)$")
+@contextmanager
+def _public_data_errors() -> Iterator[None]:
+    """A data error reaches the server as the client's reason: in its public form, which says
+    what and where but quotes no value from the data (a cell, a constant target's value, which
+    is the client's target mean and whole target column; :class:`fl.data.ClientDataError`)."""
+    try:
+        yield
+    except ClientDataError as exc:
+        exc.args = (exc.public,)
+        raise
 
 
 def _feature_moments(ref: ClientRef, chunk_size: int) -> StatsReport:
-    """:func:`fl.client.feature_moments`, whose data errors reach the server as the client's
-    reason: a constant target's is sent without its value, which is the client's target mean
-    (a moment the round hides) and its whole target column."""
-    try:
+    """:func:`fl.client.feature_moments`, its data errors in their public form."""
+    with _public_data_errors():
         return fl_client.feature_moments(ref, chunk_size)
-    except ClientDataError as exc:
-        exc.args = (_CONSTANT_TARGET.sub(r"\1", str(exc)),)
-        raise
 
 
 def statistics_schema(store: KeyStore, ref: ClientRef, session: str, chunk_size: int) -> list[str]:
