@@ -191,9 +191,8 @@ class ClientData:
             for start in range(0, y.shape[0], chunk_size):
                 yield X[start : start + chunk_size], y[start : start + chunk_size]
             return
-        for part, X, y in self.pass_chunks(chunk_size):
-            if part == split:
-                yield X, y
+        for _, X, y in self._file_splits(chunk_size, (split,)):
+            yield X, y
 
     def pass_chunks(self, chunk_size: int) -> Iterator[tuple[Split, np.ndarray, np.ndarray]]:
         """Both splits in one pass over the data: ``(split, X, y)``, where each split's chunks
@@ -205,12 +204,19 @@ class ClientData:
                 for X, y in self.chunks(split, chunk_size):
                     yield split, X, y
             return
+        yield from self._file_splits(chunk_size, ("test", "train"))
+
+    def _file_splits(
+        self, chunk_size: int, splits: tuple[Split, ...]
+    ) -> Iterator[tuple[Split, np.ndarray, np.ndarray]]:
+        """Each file chunk's rows of ``splits``, test first; the rows of a split not asked for
+        are not copied out."""
         rng = _rng(self.ref.seed, _STREAM_SPLIT, zlib.crc32(self.ref.client_id.encode()))
         for X, y in self._file_chunks(chunk_size):
             test = rng.random(y.shape[0]) < self.ref.data.test_fraction
-            if test.any():
+            if "test" in splits and test.any():
                 yield "test", X[test], y[test]
-            if not test.all():
+            if "train" in splits and not test.all():
                 train = ~test
                 yield "train", X[train], y[train]
 

@@ -81,7 +81,7 @@ def checked_vector(
     report: StatsReport,
     request: StatisticsRequest,
     codec: Codec,
-    clip_norm: float | None = None,
+    clip_norm: float | None,
 ):
     """:func:`vector`, after the client's own checks. The encoding must be the one ``request``
     calls for: a server that picked a smaller bound would make the client's value overflow it,
